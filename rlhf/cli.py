@@ -1,0 +1,170 @@
+"""The `rlhf` command: one subcommand per stage, plus `chat` and `generate`.
+
+Stage flags are generated from the stage's config dataclass (names, types, choices and help from the field
+docstrings), so a flag can never drift from the field it sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Literal
+
+from rlhf.config import ConfigError, SFTConfig, build, field_docs, load_yaml, to_dict
+
+
+def _flag_kwargs(hint) -> dict:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return {"choices": list(args)}
+    if origin is not None and type(None) in args:  # X | None
+        return _flag_kwargs(next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return {"nargs": len(args), "type": args[0]}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": hint}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", help="YAML file of field: value, or with the fields under a section named after the stage")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{docs.get(f.name, '')} (default: {default})",
+            **_flag_kwargs(hints[f.name]),
+        )
+
+
+def config_from_args(cls, args: argparse.Namespace, section: str):
+    values = load_yaml(args.config, section) if args.config else {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return build(cls, values)
+
+
+def cmd_sft(args) -> None:
+    from rlhf.stages import sft
+
+    sft.run(config_from_args(SFTConfig, args, "sft"))
+
+
+def _sampling(args):
+    from rlhf.models.generation import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size
+    )
+
+
+def cmd_chat(args) -> None:
+    from rlhf.models.generation import generate
+    from rlhf.models.load import load_causal_lm
+
+    model, tokenizer = load_causal_lm(args.model)
+    sampling = _sampling(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        print(generate(model, tokenizer, [[*history, {"role": "user", "content": args.prompt}]], sampling, args.seed)[0])
+        return
+    print(f"Chatting with {args.model or 'the embedded model'}. /reset clears the conversation, /quit or Ctrl-D ends.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, [history], sampling)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}\n")
+
+
+def cmd_generate(args) -> None:
+    """Answer prompts with one or more models and print the answers side by side."""
+    import random
+
+    from rlhf.data.records import read_demonstrations, read_prompts
+    from rlhf.models.generation import generate
+    from rlhf.models.load import load_causal_lm
+
+    prompts = read_prompts(args.prompts)
+    if args.exclude:
+        seen = {d.prompt.text for d in read_demonstrations(args.exclude)}
+        prompts = [p for p in prompts if p.text not in seen]
+    if args.n and args.n < len(prompts):
+        prompts = random.Random(args.seed).sample(prompts, args.n)
+    answers = {}
+    for name in args.model:
+        model, tokenizer = load_causal_lm(name)
+        answers[name] = generate(model, tokenizer, [list(p.messages) for p in prompts], _sampling(args), args.seed)
+        del model
+    for i, p in enumerate(prompts):
+        print(f"\n=== [{p.id}] {p.text}")
+        for name in args.model:
+            print(f"--- {name}:\n{answers[name][i]}")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default: 160)")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sft", help="stage 1: supervised fine-tuning on demonstrations",
+                       description=SFTConfig.__doc__)
+    add_config_flags(p, SFTConfig)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("chat", help="talk to a model (or answer one --prompt and exit)")
+    p.add_argument("--model", default="embedded", help="save_pretrained folder, `embedded` or `tiny`")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--system", help="system message")
+    _add_sampling_flags(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="answer prompts with one or more models, printed side by side")
+    p.add_argument("--model", action="append", required=True, help="a model (repeat to compare several)")
+    p.add_argument("--prompts", required=True, help="prompts JSONL")
+    p.add_argument("--exclude", help="demonstrations JSONL whose prompts to skip (to show held-out prompts)")
+    p.add_argument("-n", type=int, default=4, help="how many prompts, chosen at random by --seed (0: all)")
+    _add_sampling_flags(p, temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from rlhf.data.jsonl import DataError
+    from rlhf.runtime.checkpoint import ResumeError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, ResumeError) as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["build_parser", "main", "to_dict"]

@@ -1,0 +1,189 @@
+"""One dataclass per stage. Every field has a default and a docstring (shown by `rlhf STAGE --help`).
+
+YAML files and command-line flags only set fields of these dataclasses: there is one source of truth.
+Precedence: dataclass default < `--config FILE.yaml` < flags.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1, supervised fine-tuning on human demonstrations (InstructGPT §3.5)."""
+
+    model: str = "embedded"
+    """policy to fine-tune: a save_pretrained folder, `embedded` (SmolLM2-135M-Instruct) or `tiny` (random, tests)"""
+    data: str = "examples/demos.jsonl"
+    """demonstrations (JSONL): prompt or messages + response; Alpaca/Self-Instruct; or Anthropic HH dialogues"""
+    data_format: Literal["auto", "rlhf", "alpaca", "hh"] = "auto"
+    """format of `data` and `eval_data`; `auto` decides from the first row's fields"""
+    eval_data: str | None = None
+    """held-out demonstrations; when unset, `eval_fraction` of `data` is held out"""
+    eval_fraction: float = 0.1
+    """share of `data` held out for the held-out loss when `eval_data` is unset (0 disables evaluation)"""
+    out: str = "runs/default"
+    """run folder; this stage writes OUT/sft/ (final/ and checkpoints/), OUT/metrics.jsonl, OUT/tb/"""
+    epochs: float = 2.0
+    """passes over the training demonstrations (fractions allowed)"""
+    batch_size: int = 8
+    """demonstrations per optimiser step, over all processes and accumulation steps"""
+    micro_batch_size: int = 4
+    """demonstrations per forward pass on each process; batch_size / (micro_batch_size · processes) = accumulation"""
+    lr: float = 5e-5
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW β1, β2"""
+    warmup_ratio: float = 0.1
+    """share of optimiser steps spent warming the learning rate up linearly from 0"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate decay after warm-up (to 0 for cosine and linear)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 disables clipping)"""
+    max_seq_len: int = 512
+    """longest prompt + response in tokens; longer responses are cut (and counted), a longer prompt is an error"""
+    lora: bool = False
+    """train LoRA adapters instead of all weights (peft); final/ holds the merged model"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (alpha / r)·BA"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: `all-linear` or comma-separated names (q_proj,v_proj)"""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast with float32 master weights (faster on CPUs with AVX512-BF16 and on GPUs)"""
+    seed: int = 0
+    """seeds the data order, the held-out split and initialisation of new weights"""
+    eval_every: int = 25
+    """optimiser steps between held-out evaluations (also at the start and the end)"""
+    save_every: int = 50
+    """optimiser steps between checkpoints (one is always written at the end and when stopping early)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept; older ones are deleted once a newer one is complete"""
+    log_every: int = 1
+    """optimiser steps between metric lines"""
+    stop_after_steps: int | None = None
+    """stop (with a checkpoint) after this many optimiser steps; the schedule still spans the full run"""
+    resume: bool = False
+    """continue from OUT/sft/checkpoints/latest (refused if the checkpoint's config differs)"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # Fields that may differ between a checkpoint and the run that resumes it: they do not shape the trajectory.
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        "out", "resume", "stop_after_steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress"
+    )
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("batch_size and micro_batch_size must be at least 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction ({self.eval_fraction}) must be in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ConfigError("epochs and lr must be positive")
+        if self.max_seq_len < 2:
+            raise ConfigError("max_seq_len must be at least 2")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ConfigError("stop_after_steps must be at least 1")
+
+    def fingerprint(self) -> dict:
+        """The fields a checkpoint must agree with to be resumed."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.RESUME_FREE}
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), read from the class source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def _coerce(cls, name: str, value, hint):
+    """Check a YAML value against the field's type hint, converting where YAML is loose (int for float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{cls.__name__}.{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(cls, name, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{cls.__name__}.{name} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(cls, name, v, a) for v, a in zip(value, args))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{cls.__name__}.{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, values: dict):
+    """An instance of `cls` from a mapping, refusing unknown keys and wrongly typed values; validated."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(names)}")
+    cfg = cls(**{k: _coerce(cls, k, v, hints[k]) for k, v in values.items()})
+    cfg.validate()
+    return cfg
+
+
+def load_yaml(path: str | Path, section: str | None = None) -> dict:
+    """Field values from a YAML file: the whole mapping, or its `section:` when the file has one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value")
+    if section and isinstance(doc.get(section), dict):
+        return doc[section]
+    return doc

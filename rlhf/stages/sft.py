@@ -1,0 +1,268 @@
+"""Stage 1: supervised fine-tuning of the policy on human demonstrations (InstructGPT §3.5).
+
+Loss on response tokens only. The data order is a pure function of (seed, sample index), and each optimiser
+step's loss is normalised by the number of response tokens in the whole step (all processes, all accumulation
+micro-batches), so 2 processes × batch b, 1 process × 2b, and b with 2 accumulation steps train identically,
+and a resumed run continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from rlhf.config import SFTConfig, to_dict
+from rlhf.data.chat import PromptTooLong, TokenizedDemo, tokenize_demonstration
+from rlhf.data.collate import IGNORE_INDEX, collate_sft
+from rlhf.data.jsonl import DataError
+from rlhf.data.records import Demonstration, read_demonstrations
+from rlhf.models.load import load_causal_lm
+from rlhf.models.lora import plain_model, wrap_lora
+from rlhf.runtime.checkpoint import (
+    ResumeError,
+    check_same_config,
+    latest_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from rlhf.runtime.files import fsync_tree
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.run_folder import record_config
+from rlhf.runtime.schedule import make_scheduler
+from rlhf.runtime.seed import seed_everything
+
+STAGE = "sft"
+DONE_FILE = "rlhf_stage.json"  # written into final/ last: its presence means the stage is complete
+
+
+def split_heldout(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random `fraction` of the demonstrations is held out."""
+    if fraction == 0 or len(demos) < 2:
+        return demos, []
+    k = max(1, round(len(demos) * fraction))
+    order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:k])
+    return [d for i, d in enumerate(demos) if i not in held], [d for i, d in enumerate(demos) if i in held]
+
+
+def sample_indices(start: int, count: int, n: int, seed: int) -> list[int]:
+    """Indices of samples start..start+count-1 of the endless stream of per-epoch shuffles of range(n).
+
+    Batches run across epoch boundaries, so no example is ever dropped for not filling a batch.
+    """
+    out = []
+    for i in range(start, start + count):
+        epoch, j = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[j]))
+    return out
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of −log p over response tokens, number of response tokens) for one micro-batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def heldout_loss(model, accelerator: Accelerator, examples: list[TokenizedDemo], micro: int, pad_id: int) -> float:
+    """Mean response-token NLL over all held-out examples, each process taking every W-th example."""
+    model.eval()
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (nll sum, token count)
+    for i in range(0, len(mine), micro):
+        batch = {k: v.to(accelerator.device) for k, v in collate_sft(mine[i : i + micro], pad_id).items()}
+        with accelerator.autocast():
+            nll, count = response_nll(model, batch)
+        total += torch.tensor([nll.item(), count], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def tokenize_all(tokenizer, demos: list[Demonstration], max_seq_len: int, say) -> list[TokenizedDemo]:
+    """Token ids of every demonstration; those cut or left out for length are counted and named, never hidden."""
+    examples, too_long = [], []
+    for d in demos:
+        try:
+            examples.append(tokenize_demonstration(tokenizer, d, max_seq_len))
+        except PromptTooLong as e:
+            too_long.append(str(e))
+    n_cut = sum(e.truncated for e in examples)
+    if n_cut:
+        say(f"sft: {n_cut} of {len(demos)} responses were longer than fits in max_seq_len={max_seq_len} and were "
+            "cut (raise --max-seq-len to keep them whole)")
+    if too_long:
+        shown = "\n  ".join(too_long[:5]) + (f"\n  ... and {len(too_long) - 5} more" if len(too_long) > 5 else "")
+        say(f"sft: left out {len(too_long)} of {len(demos)} demonstrations whose prompt alone fills "
+            f"max_seq_len={max_seq_len}:\n  {shown}")
+    if demos and not examples:
+        raise DataError(f"every demonstration's prompt is longer than max_seq_len={max_seq_len}")
+    return examples
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, stage_dir: Path, summary: dict) -> Path:
+    """Write stage_dir/final/ as a plain save_pretrained folder (LoRA merged), atomically."""
+    final = stage_dir / "final"
+    model = plain_model(accelerator.unwrap_model(model))
+    if accelerator.is_main_process:
+        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=stage_dir))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / DONE_FILE).write_text(json.dumps(summary, indent=1))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def run(cfg: SFTConfig) -> Path:
+    cfg.validate()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    say = accelerator.print
+    stage_dir = Path(cfg.out) / STAGE
+    if (stage_dir / "final" / DONE_FILE).exists():
+        say(f"sft: {stage_dir / 'final'} is already complete; nothing to do")
+        return stage_dir / "final"
+
+    # 1. decide between a fresh start and a resume, before any expensive work
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None and not cfg.resume:
+        raise ResumeError(
+            f"{stage_dir} already holds checkpoints (latest: {checkpoint.name}); "
+            "pass --resume to continue that run, or choose another --out"
+        )
+    trainer_state = read_trainer_state(checkpoint) if checkpoint is not None else None
+    if trainer_state is not None:
+        check_same_config(trainer_state["fingerprint"], cfg.fingerprint(), checkpoint)
+        if trainer_state["world_size"] != accelerator.num_processes:
+            raise ResumeError(
+                f"cannot resume from {checkpoint}: it was written by {trainer_state['world_size']} processes, "
+                f"this run has {accelerator.num_processes}; launch with the same number"
+            )
+    if main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        record_config(cfg.out, STAGE, cfg)
+    seed_everything(cfg.seed)
+
+    # 2. data: demonstrations → held-out split → token ids with the response located
+    demos = read_demonstrations(cfg.data, cfg.data_format)
+    if cfg.eval_data:
+        train_demos, eval_demos = demos, read_demonstrations(cfg.eval_data, cfg.data_format)
+    else:
+        train_demos, eval_demos = split_heldout(demos, cfg.eval_fraction, cfg.seed)
+    model, tokenizer = load_causal_lm(cfg.model)
+    train = tokenize_all(tokenizer, train_demos, cfg.max_seq_len, say)
+    held = tokenize_all(tokenizer, eval_demos, cfg.max_seq_len, say)
+
+    # 3. model, optimiser, schedule
+    world = accelerator.num_processes
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size}) "
+            f"× processes ({world})"
+        )
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    if cfg.lora:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size)
+    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * total_steps), total_steps, cfg.schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: a prepared one steps once per process
+    start = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        start = trainer_state["step"]
+        say(f"sft: resumed from {checkpoint} at step {start} of {total_steps}")
+    end = min(total_steps, cfg.stop_after_steps or total_steps)
+    n_params = sum(p.numel() for p in params)
+    say(f"sft: {len(train)} training and {len(held)} held-out demonstrations, {total_steps} steps of "
+        f"{cfg.batch_size} ({world} process(es) × {accum} accumulation × {cfg.micro_batch_size}); "
+        f"training {n_params / 1e6:.2f}M parameters{' (LoRA)' if cfg.lora else ''}")
+
+    # 4. train
+    logger = MetricsLogger(cfg.out, STAGE, enabled=main)
+    pad_id = tokenizer.pad_token_id
+    if start == 0 and held:
+        loss = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
+        logger.log(0, {"heldout_loss": loss})
+        say(f"sft: held-out loss before training {loss:.4f}")
+    bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), desc="sft", unit="step")
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        # 4a. this process's share of the step's batch, as micro-batches
+        indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
+        per_rank = cfg.batch_size // world
+        mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        micro_batches = [collate_sft([train[i] for i in mine[k : k + cfg.micro_batch_size]], pad_id)
+                         for k in range(0, per_rank, cfg.micro_batch_size)]
+        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        seen_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        counts = accelerator.reduce(torch.tensor([local_tokens, seen_tokens], device=accelerator.device), "sum")
+        n_response_tokens = int(counts[0])
+        # 4b. forward/backward; DDP averages gradients over processes, hence × world
+        step_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for k, mb in enumerate(micro_batches):
+            mb = {key: v.to(accelerator.device) for key, v in mb.items()}
+            sync = k == len(micro_batches) - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                nll, _ = response_nll(model, mb)
+                accelerator.backward(nll / max(n_response_tokens, 1) * world)
+            step_nll += nll.detach().double()
+        loss = (accelerator.reduce(step_nll, "sum") / max(n_response_tokens, 1)).item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"sft: the loss became {loss} at step {step + 1}; lower --lr or check the data")
+        # 4c. clip, update, schedule
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        seconds = time.perf_counter() - t0
+        metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": int(counts[1]) / seconds, "response_tokens": n_response_tokens,
+                   "epoch": done * cfg.batch_size / len(train)}
+        if done % cfg.log_every == 0 or done == end:
+            logger.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        # 4d. evaluate and checkpoint
+        if held and (done % cfg.eval_every == 0 or done == total_steps):
+            metrics["heldout_loss"] = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
+            logger.log(done, {"heldout_loss": metrics["heldout_loss"]})
+            bar.write(f"sft: step {done}: held-out loss {metrics['heldout_loss']:.4f}") if main else None
+        if done % cfg.save_every == 0 or (done == end and end < total_steps):
+            state = {"step": done, "total_steps": total_steps, "world_size": world, "fingerprint": cfg.fingerprint()}
+            save_checkpoint(accelerator, stage_dir, done, state, cfg.keep_checkpoints)
+    bar.close()
+    logger.close()
+    if end < total_steps:
+        say(f"sft: stopped at step {end} of {total_steps} (stop_after_steps); continue with --resume")
+        return stage_dir
+    # 5. the result: a plain transformers folder
+    summary = {"stage": STAGE, "steps": total_steps, "config": to_dict(cfg)}
+    final = save_final(accelerator, model, tokenizer, stage_dir, summary)
+    say(f"sft: done; model saved to {final}")
+    return final
+
