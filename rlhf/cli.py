@@ -31,7 +31,9 @@ def _flag_kwargs(hint) -> dict:
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    parser.add_argument("--config", help="YAML file of field: value, or with the fields under a section named after the stage")
+    parser.add_argument(
+        "--config", help="YAML file of field: value, or with the fields under a section named after the stage"
+    )
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument(
@@ -74,7 +76,9 @@ def cmd_chat(args) -> None:
     sampling = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        print(generate(model, tokenizer, [[*history, {"role": "user", "content": args.prompt}]], sampling, args.seed)[0])
+        print(
+            generate(model, tokenizer, [[*history, {"role": "user", "content": args.prompt}]], sampling, args.seed)[0]
+        )
         return
     print(f"Chatting with {args.model or 'the embedded model'}. /reset clears the conversation, /quit or Ctrl-D ends.")
     while True:
@@ -133,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sft", help="stage 1: supervised fine-tuning on demonstrations",
-                       description=SFTConfig.__doc__)
+    p = sub.add_parser("sft", help="stage 1: supervised fine-tuning on demonstrations", description=SFTConfig.__doc__)
     add_config_flags(p, SFTConfig)
     p.set_defaults(func=cmd_sft)
 

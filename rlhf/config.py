@@ -89,7 +89,14 @@ class SFTConfig:
 
     # Fields that may differ between a checkpoint and the run that resumes it: they do not shape the trajectory.
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
-        "out", "resume", "stop_after_steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress"
+        "out",
+        "resume",
+        "stop_after_steps",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "progress",
     )
 
     def validate(self) -> None:

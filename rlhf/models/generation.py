@@ -33,9 +33,11 @@ def generate(model, tokenizer, conversations: list, sampling: SamplingConfig, se
         for i in range(0, len(conversations), sampling.batch_size):
             texts = [render_prompt(tokenizer, c) for c in conversations[i : i + sampling.batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            kwargs = {"do_sample": False} if sampling.temperature <= 0 else {
-                "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0
-            }
+            kwargs = (
+                {"do_sample": False}
+                if sampling.temperature <= 0
+                else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+            )
             ids = model.generate(
                 **enc,
                 max_new_tokens=sampling.max_new_tokens,

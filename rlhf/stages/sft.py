@@ -36,6 +36,7 @@ from rlhf.runtime.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from rlhf.runtime.distributed import make_accelerator
 from rlhf.runtime.files import fsync_tree
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.run_folder import record_config
@@ -105,12 +106,16 @@ def tokenize_all(tokenizer, demos: list[Demonstration], max_seq_len: int, say) -
             too_long.append(str(e))
     n_cut = sum(e.truncated for e in examples)
     if n_cut:
-        say(f"sft: {n_cut} of {len(demos)} responses were longer than fits in max_seq_len={max_seq_len} and were "
-            "cut (raise --max-seq-len to keep them whole)")
+        say(
+            f"sft: {n_cut} of {len(demos)} responses were longer than fits in max_seq_len={max_seq_len} and were "
+            "cut (raise --max-seq-len to keep them whole)"
+        )
     if too_long:
         shown = "\n  ".join(too_long[:5]) + (f"\n  ... and {len(too_long) - 5} more" if len(too_long) > 5 else "")
-        say(f"sft: left out {len(too_long)} of {len(demos)} demonstrations whose prompt alone fills "
-            f"max_seq_len={max_seq_len}:\n  {shown}")
+        say(
+            f"sft: left out {len(too_long)} of {len(demos)} demonstrations whose prompt alone fills "
+            f"max_seq_len={max_seq_len}:\n  {shown}"
+        )
     if demos and not examples:
         raise DataError(f"every demonstration's prompt is longer than max_seq_len={max_seq_len}")
     return examples
@@ -134,7 +139,7 @@ def save_final(accelerator: Accelerator, model, tokenizer, stage_dir: Path, summ
 
 def run(cfg: SFTConfig) -> Path:
     cfg.validate()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     main = accelerator.is_main_process
     say = accelerator.print
     stage_dir = Path(cfg.out) / STAGE
@@ -197,9 +202,11 @@ def run(cfg: SFTConfig) -> Path:
         say(f"sft: resumed from {checkpoint} at step {start} of {total_steps}")
     end = min(total_steps, cfg.stop_after_steps or total_steps)
     n_params = sum(p.numel() for p in params)
-    say(f"sft: {len(train)} training and {len(held)} held-out demonstrations, {total_steps} steps of "
+    say(
+        f"sft: {len(train)} training and {len(held)} held-out demonstrations, {total_steps} steps of "
         f"{cfg.batch_size} ({world} process(es) × {accum} accumulation × {cfg.micro_batch_size}); "
-        f"training {n_params / 1e6:.2f}M parameters{' (LoRA)' if cfg.lora else ''}")
+        f"training {n_params / 1e6:.2f}M parameters{' (LoRA)' if cfg.lora else ''}"
+    )
 
     # 4. train
     logger = MetricsLogger(cfg.out, STAGE, enabled=main)
@@ -215,8 +222,10 @@ def run(cfg: SFTConfig) -> Path:
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
         per_rank = cfg.batch_size // world
         mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-        micro_batches = [collate_sft([train[i] for i in mine[k : k + cfg.micro_batch_size]], pad_id)
-                         for k in range(0, per_rank, cfg.micro_batch_size)]
+        micro_batches = [
+            collate_sft([train[i] for i in mine[k : k + cfg.micro_batch_size]], pad_id)
+            for k in range(0, per_rank, cfg.micro_batch_size)
+        ]
         local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         seen_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         counts = accelerator.reduce(torch.tensor([local_tokens, seen_tokens], device=accelerator.device), "sum")
@@ -240,9 +249,14 @@ def run(cfg: SFTConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         seconds = time.perf_counter() - t0
-        metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_s": int(counts[1]) / seconds, "response_tokens": n_response_tokens,
-                   "epoch": done * cfg.batch_size / len(train)}
+        metrics = {
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": int(counts[1]) / seconds,
+            "response_tokens": n_response_tokens,
+            "epoch": done * cfg.batch_size / len(train),
+        }
         if done % cfg.log_every == 0 or done == end:
             logger.log(done, metrics)
         bar.update(1)
@@ -265,4 +279,3 @@ def run(cfg: SFTConfig) -> Path:
     final = save_final(accelerator, model, tokenizer, stage_dir, summary)
     say(f"sft: done; model saved to {final}")
     return final
-

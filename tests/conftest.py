@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The real command line: `python -m rlhf ARGS` in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+@pytest.fixture
+def small_demos(tmp_path: Path) -> Path:
+    """Eight short demonstrations: a tiny model can learn them within a few dozen steps."""
+    rows = [
+        {"id": f"d{i}", "prompt": f"Say the word number {i}.", "response": f"Word {i}: {w}."}
+        for i, w in enumerate(["apple", "river", "stone", "cloud", "lemon", "tiger", "piano", "maple"])
+    ]
+    return write_jsonl(tmp_path / "demos.jsonl", rows)
