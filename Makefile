@@ -27,6 +27,7 @@ demo: setup
 		--exclude examples/demos.jsonl -n 4
 
 test: setup
+	$(BIN)/ruff check rlhf tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -155,7 +155,7 @@ def test_two_processes_equal_one_with_double_batch(tmp_path, small_demos):
     for key in ("loss", "heldout_loss"):
         a, b = read_metrics(one, key), read_metrics(two, key)
         assert len(a) == len(b) > 0
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
 def test_lora_trains_adapters_and_saves_merged_model(tmp_path, small_demos):
