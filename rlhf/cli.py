@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import Literal
 
-from rlhf.config import ConfigError, SFTConfig, build, field_docs, load_yaml, to_dict
+from rlhf.config import ConfigError, SFTConfig, build, field_docs, load_yaml
 
 
 def _flag_kwargs(hint) -> dict:
@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     from rlhf.data.jsonl import DataError
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; our own bars show the work that takes time
     from rlhf.runtime.checkpoint import ResumeError
 
     try:
@@ -169,5 +173,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
-__all__ = ["build_parser", "main", "to_dict"]

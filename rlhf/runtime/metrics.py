@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Append-only; after a resume the same step may appear twice, and readers keep the last line for a step."""
+    """Append-only: a run resumed from a checkpoint older than its last logged step logs those steps again;
+    readers keep the last line for a (stage, step)."""
 
     def __init__(self, run_dir: str | Path, stage: str, enabled: bool = True):
         self.stage = stage
@@ -44,18 +45,3 @@ class MetricsLogger:
         if self._tb:
             self._tb.close()
 
-
-def read_metrics(run_dir: str | Path, stage: str | None = None) -> list[dict]:
-    """Logged rows in step order, the last line winning where a resumed run logged a step again."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows: dict[tuple, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if stage is None or row.get("stage") == stage:
-                rows[(row.get("stage"), row.get("step"), tuple(sorted(k for k in row if k not in ("time",))))] = row
-    return sorted(rows.values(), key=lambda r: (r.get("stage", ""), r.get("step", 0)))

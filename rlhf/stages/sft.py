@@ -60,13 +60,16 @@ def split_heldout(demos: list[Demonstration], fraction: float, seed: int) -> tup
 def sample_indices(start: int, count: int, n: int, seed: int) -> list[int]:
     """Indices of samples start..start+count-1 of the endless stream of per-epoch shuffles of range(n).
 
-    Batches run across epoch boundaries, so no example is ever dropped for not filling a batch.
+    Batches run across epoch boundaries, so no example is ever dropped for not filling a batch, and the order
+    is a pure function of (seed, position): a resumed run picks up exactly where it stopped.
     """
+    perms: dict[int, list[int]] = {}
     out = []
     for i in range(start, start + count):
         epoch, j = divmod(i, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[j]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perms[epoch][j])
     return out
 
 
@@ -265,7 +268,8 @@ def run(cfg: SFTConfig) -> Path:
         if held and (done % cfg.eval_every == 0 or done == total_steps):
             metrics["heldout_loss"] = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
             logger.log(done, {"heldout_loss": metrics["heldout_loss"]})
-            bar.write(f"sft: step {done}: held-out loss {metrics['heldout_loss']:.4f}") if main else None
+            if main:
+                bar.write(f"sft: step {done}: held-out loss {metrics['heldout_loss']:.4f}")
         if done % cfg.save_every == 0 or (done == end and end < total_steps):
             state = {"step": done, "total_steps": total_steps, "world_size": world, "fingerprint": cfg.fingerprint()}
             save_checkpoint(accelerator, stage_dir, done, state, cfg.keep_checkpoints)

@@ -55,6 +55,7 @@ def test_sft_learns_and_saves_a_plain_transformers_model(tmp_path, small_demos):
     generated = pipeline("text-generation", model=str(final))(messages, max_new_tokens=8, do_sample=False)
     assert generated[0]["generated_text"][-1]["role"] == "assistant"
 
+    assert list((out / "tb" / "sft").glob("events.out.tfevents.*"))  # TensorBoard got the same metrics
     config = (out / "config.yaml").read_text()
     assert "sft:" in config and "rlhf_version" in config
     # Running again finds the stage complete instead of training twice.
@@ -197,6 +198,15 @@ def test_malformed_data_stops_the_cli_with_file_and_line(tmp_path):
     proc = run_cli("sft", *TINY, "--data", str(bad), "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2
     assert f'{bad}:2: field "response" is missing' in proc.stderr
+
+
+def test_interactive_chat_keeps_the_conversation():
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf", "chat", "--model", "tiny", "--max-new-tokens", "4"],
+        input="Hello\nAnd again\n/reset\nThird\n/quit\n", cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("model> ") == 3
 
 
 @pytest.mark.parametrize("command", ["chat", "generate"])
