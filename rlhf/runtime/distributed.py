@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    # Accelerate keeps one state per process and refuses a second Accelerator with another precision; stages run
+    # one after another in one process (the pipeline, tests, benchmarks), so each starts afresh. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
