@@ -1,0 +1,1 @@
+"""The math as pure functions: losses, advantages, KL, ranking aggregation; no model loading."""
