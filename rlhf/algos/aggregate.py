@@ -100,8 +100,8 @@ def bradley_terry(wins: np.ndarray, max_iters: int = 100) -> np.ndarray:
     return theta
 
 
-def _tiers_from_scores(scores: np.ndarray, tol: float = TIE_TOL) -> Tiers:
-    """Best first; a response within tol of its tier's first (highest) score joins that tier."""
+def tiers_from_scores(scores, tol: float = TIE_TOL) -> Tiers:
+    """Sort responses by score, best first; a response within tol of its tier's first (highest) score joins it."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     tiers: Tiers = []
     for i in order:
@@ -144,7 +144,7 @@ def consensus(rankings: list[Tiers], k: int, prior: float = 0.5) -> Consensus:
                 ties[i, j] += 1
                 ties[j, i] += 1
     theta = bradley_terry(votes + 0.5 * ties + prior)
-    tiers = _tiers_from_scores(theta)
+    tiers = tiers_from_scores(theta)
     pos = rank_positions(tiers, k)
 
     pair_strength: dict[tuple[int, int], float] = {}

@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from rlhf.algos.aggregate import tiers_from_scores
 from rlhf.annotators.criteria import CRITERIA, DEFAULT_WEIGHTS, features
 
 
@@ -89,18 +90,6 @@ def stable_hash(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
 
 
-def tiers_from_scores(scores: np.ndarray, tie_margin: float = 0.0) -> list[list[int]]:
-    """Sort responses by score, best first; a response within tie_margin of its tier's best (or equal) joins it."""
-    order = np.argsort(-scores, kind="stable")
-    tiers: list[list[int]] = []
-    for k in order.tolist():
-        if tiers and (scores[tiers[-1][0]] - scores[k] < tie_margin or scores[tiers[-1][0]] == scores[k]):
-            tiers[-1].append(k)
-        else:
-            tiers.append([k])
-    return [sorted(t) for t in tiers]
-
-
 class SimulatedPanel:
     """Evaluators `sim-0`, `sim-1`, ... with hidden weights; deterministic given the config and the prompt key."""
 
@@ -144,28 +133,6 @@ class SimulatedPanel:
             else:
                 # Thurstone case V: P(a > b) = Φ((u_a − u_b) / (√2 · noise_scale)).
                 eps = rng.normal(0.0, 1.0, size=len(responses))
-            rankings.append((name, tiers_from_scores(utilities[e] + self.cfg.noise_scale * eps, self.cfg.tie_margin)))
+            rankings.append((name, tiers_from_scores(utilities[e] + self.cfg.noise_scale * eps, tol=self.cfg.tie_margin)))
         return rankings
 
-
-def pairwise_agreement(rankings_by_prompt: list[list[list[list[int]]]]) -> float:
-    """Share of (prompt, evaluator pair, response pair) comparisons, both strict, where two evaluators agree.
-
-    `rankings_by_prompt[p][e]` is evaluator e's tiers for prompt p. Pairs that either evaluator ties are left out,
-    as InstructGPT's agreement figure counts only expressed preferences. NaN when nothing is comparable.
-    """
-    agree = total = 0
-    for rankings in rankings_by_prompt:
-        # tier position of each response, per evaluator: lower is better
-        positions = [{k: t for t, tier in enumerate(tiers) for k in tier} for tiers in rankings]
-        for a in range(len(positions)):
-            for b in range(a + 1, len(positions)):
-                pa, pb = positions[a], positions[b]
-                items = sorted(pa)
-                for x, i in enumerate(items):
-                    for j in items[x + 1 :]:
-                        da, db = pa[i] - pa[j], pb[i] - pb[j]
-                        if da != 0 and db != 0:
-                            total += 1
-                            agree += (da > 0) == (db > 0)
-    return agree / total if total else float("nan")

@@ -6,14 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlhf.algos.aggregate import pairwise_agreement, tiers_from_scores
 from rlhf.annotators import criteria
-from rlhf.annotators.simulated import (
-    PanelConfig,
-    SimulatedPanel,
-    pairwise_agreement,
-    stable_hash,
-    tiers_from_scores,
-)
+from rlhf.annotators.simulated import PanelConfig, SimulatedPanel, stable_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,7 +161,7 @@ def test_safe():
 
 def test_tiers_from_scores():
     assert tiers_from_scores(np.array([0.2, 0.1, 0.9, 0.2])) == [[2], [0, 3], [1]]
-    assert tiers_from_scores(np.array([0.5, 0.45, 0.1]), tie_margin=0.1) == [[0, 1], [2]]
+    assert tiers_from_scores(np.array([0.5, 0.45, 0.1]), tol=0.1) == [[0, 1], [2]]
 
 
 def test_noiseless_panel_gives_the_gold_order(data):
