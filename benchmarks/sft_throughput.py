@@ -20,14 +20,29 @@ from rlhf.stages import sft
 
 def measure(precision: str, steps: int, data: str, lora: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cfg = SFTConfig(data=data, out=out, mixed_precision=precision, lora=lora, stop_after_steps=steps,
-                        eval_fraction=0.0, save_every=10_000, keep_checkpoints=1, progress=False)
+        cfg = SFTConfig(
+            data=data,
+            out=out,
+            mixed_precision=precision,
+            lora=lora,
+            stop_after_steps=steps,
+            eval_fraction=0.0,
+            save_every=10_000,
+            keep_checkpoints=1,
+            progress=False,
+        )
         sft.run(cfg)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r][1:]  # drop the warm-up step
     tok_s = [r["tokens_per_s"] for r in rows]
-    return {"precision": precision, "lora": lora, "tokens/s (median)": statistics.median(tok_s),
-            "tokens/s (min)": min(tok_s), "tokens/s (max)": max(tok_s), "steps": len(rows)}
+    return {
+        "precision": precision,
+        "lora": lora,
+        "tokens/s (median)": statistics.median(tok_s),
+        "tokens/s (min)": min(tok_s),
+        "tokens/s (max)": max(tok_s),
+        "steps": len(rows),
+    }
 
 
 def main() -> None:

@@ -12,7 +12,16 @@ import sys
 import typing
 from typing import Literal
 
-from rlhf.config import ConfigError, SFTConfig, build, field_docs, load_yaml
+from rlhf.config import (
+    AnnotateConfig,
+    ConfigError,
+    FilterConfig,
+    SampleConfig,
+    SFTConfig,
+    build,
+    field_docs,
+    load_yaml,
+)
 
 
 def _flag_kwargs(hint) -> dict:
@@ -58,6 +67,32 @@ def cmd_sft(args) -> None:
     from rlhf.stages import sft
 
     sft.run(config_from_args(SFTConfig, args, "sft"))
+
+
+def cmd_sample(args) -> None:
+    from rlhf.stages import sample
+
+    sample.run(config_from_args(SampleConfig, args, "sample"))
+
+
+def cmd_annotate(args) -> None:
+    from rlhf.stages import annotate
+
+    annotate.run(config_from_args(AnnotateConfig, args, "annotate"))
+
+
+def cmd_filter(args) -> None:
+    from rlhf.stages import filter as filter_stage
+
+    filter_stage.run(config_from_args(FilterConfig, args, "filter"))
+
+
+def cmd_import(args) -> None:
+    from rlhf.stages import import_data
+
+    result = import_data.run(args.file, args.library, args.format)
+    if args.strict and result["errors"]:
+        sys.exit(1)
 
 
 def _sampling(args):
@@ -141,6 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, SFTConfig)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser(
+        "sample",
+        help="stage 2a: write K responses per prompt into the response library",
+        description=SampleConfig.__doc__,
+    )
+    add_config_flags(p, SampleConfig)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "annotate",
+        help="stage 2b: rank each prompt's responses (simulated panel, judge, function)",
+        description=AnnotateConfig.__doc__,
+    )
+    add_config_flags(p, AnnotateConfig)
+    p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser(
+        "import", help="bring outside preference data (pairwise, ranked, Anthropic HH) into the library"
+    )
+    p.add_argument("file", help="JSONL (or .jsonl.gz) of comparisons")
+    p.add_argument("--library", required=True, help="the response library (SQLite path or database URL)")
+    p.add_argument("--format", default="auto", choices=["auto", "pairwise", "ranked", "hh"])
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any row could not be imported")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "filter",
+        help="stage 2c: consensus + agreement, select comparisons, write filter_report.json",
+        description=FilterConfig.__doc__,
+    )
+    add_config_flags(p, FilterConfig)
+    p.set_defaults(func=cmd_filter)
+
     p = sub.add_parser("chat", help="talk to a model (or answer one --prompt and exit)")
     p.add_argument("--model", default="embedded", help="save_pretrained folder, `embedded` or `tiny`")
     p.add_argument("--prompt", help="answer this once and exit")
@@ -162,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from rlhf.annotators.judge import JudgeError
+    from rlhf.annotators.ranking import RankingError
     from rlhf.data.jsonl import DataError
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars; our own bars show the work that takes time
@@ -169,7 +239,6 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, ResumeError) as e:
+    except (ConfigError, DataError, ResumeError, RankingError, JudgeError) as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
-

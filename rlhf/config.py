@@ -122,6 +122,113 @@ class SFTConfig:
         return {k: v for k, v in to_dict(self).items() if k not in self.RESUME_FREE}
 
 
+@dataclass
+class SampleConfig:
+    """Stage 2a: the policy writes K responses per prompt into the response library (InstructGPT §3.4)."""
+
+    model: str = "embedded"
+    """the policy that answers: a save_pretrained folder (usually OUT/sft/final), `embedded` or `tiny`"""
+    prompts: str = "examples/prompts.jsonl"
+    """prompts JSONL (id + prompt or messages); they are added to the library"""
+    library: str = "runs/default/library.db"
+    """the response library: an SQLite path or a database URL (postgresql://...)"""
+    k: int = 4
+    """responses per prompt, 2 to 9 (InstructGPT ranked K = 4 to 9)"""
+    round: int = 0
+    """which round of the recipe these samples belong to (round r samples from round r-1's policy)"""
+    temperature: float = 1.0
+    """sampling temperature: 1 samples the policy as it is, so rankings describe its own distribution"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1 disables)"""
+    max_new_tokens: int = 128
+    """longest response; a response cut here is recorded with finish reason `length`"""
+    batch_size: int = 8
+    """prompts per generation batch (each yields k sequences); one database transaction per batch"""
+    limit: int | None = None
+    """only the first N prompts of the file"""
+    seed: int = 0
+    """each batch is seeded from this and its prompt ids, so a resumed run writes what an uninterrupted one would"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def validate(self) -> None:
+        if not 2 <= self.k <= 9:
+            raise ConfigError(f"k ({self.k}) must be between 2 and 9")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("batch_size and max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class AnnotateConfig:
+    """Stage 2b: rank each prompt's K responses (simulated panel, AI judge, or your function)."""
+
+    library: str = "runs/default/library.db"
+    """the response library"""
+    annotator: str = "simulated"
+    """who ranks: `simulated` (a panel standing in for people), `judge` (an OpenAI-compatible endpoint) or
+    `python:module:function` (your function (prompt, responses) -> ranking)"""
+    round: int | None = None
+    """rank only this round's samples (default: every round with unranked samples)"""
+    evaluators: int = 3
+    """simulated: evaluators per prompt, each ranking every prompt (more evaluators, more reliable consensus)"""
+    noise: Literal["bradley_terry", "thurstone"] = "bradley_terry"
+    """simulated: choice noise model"""
+    noise_scale: float = 0.085
+    """simulated: choice noise; the default makes evaluators agree on ~72.6% of pairs, as InstructGPT's did
+    (calibration: rlhf/annotators/simulated.py, PanelConfig)"""
+    weight_spread: float = 0.5
+    """simulated: how much evaluators' priorities differ (log-normal σ of their criterion weights)"""
+    seed: int = 0
+    """simulated: seeds the evaluators' hidden weights and choice noise"""
+    judge_base_url: str | None = None
+    """judge: base URL of the chat-completions API, e.g. http://localhost:8000/v1 (or env RLHF_JUDGE_BASE_URL)"""
+    judge_model: str | None = None
+    """judge: model name (or env RLHF_JUDGE_MODEL); the key is read from env RLHF_JUDGE_API_KEY or OPENAI_API_KEY"""
+    limit: int | None = None
+    """rank at most this many tasks (prompts) in this run"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def validate(self) -> None:
+        if not (self.annotator in ("simulated", "judge") or self.annotator.startswith("python:")):
+            raise ConfigError(
+                f"annotator {self.annotator!r}: expected `simulated`, `judge` or `python:module:function`"
+            )
+        if self.evaluators < 1:
+            raise ConfigError(f"evaluators ({self.evaluators}) must be at least 1")
+
+
+@dataclass
+class FilterConfig:
+    """Stage 2c: aggregate evaluators into consensus comparisons and select what the reward model trains on."""
+
+    library: str = "runs/default/library.db"
+    """the response library; nothing is deleted from it: filtering selects"""
+    selection: str = "default"
+    """name of the selection written (the reward model reads a selection by name)"""
+    report: str | None = None
+    """where to write filter_report.json (default: beside the library)"""
+    min_evaluator_agreement: float = 0.5
+    """drop every label of an evaluator whose agreement with the others' consensus is below this"""
+    min_pair_agreement: float = 0.6
+    """drop a consensus pair when fewer than this share of its evaluators (ties half) agree with it"""
+    near_duplicate: float = 0.9
+    """drop a pair whose two responses are this similar (difflib ratio of normalised text; 1 = identical)"""
+    max_repetition: float = 0.5
+    """a response whose share of repeated word 3-grams exceeds this is degenerate and leaves its pairs"""
+    require_eos: bool = True
+    """a response cut at max_new_tokens (no EOS) is degenerate"""
+    drop_all_bad: bool = True
+    """drop a task that most of its evaluators flagged as all bad"""
+
+    def validate(self) -> None:
+        for name in ("min_evaluator_agreement", "min_pair_agreement", "near_duplicate", "max_repetition"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1]")
+
+
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

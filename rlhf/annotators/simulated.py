@@ -21,6 +21,7 @@ import numpy as np
 
 from rlhf.algos.aggregate import tiers_from_scores
 from rlhf.annotators.criteria import CRITERIA, DEFAULT_WEIGHTS, features
+from rlhf.config import AnnotateConfig
 
 
 @dataclass
@@ -38,13 +39,14 @@ class PanelConfig:
     0.085 gives 0.725 (seed-to-seed range 0.70–0.75; 0.732 at seed 0; Thurstone noise at the same scale, 0.755).
     """
 
-    n_evaluators: int = 3
+    # Defaults are AnnotateConfig's (what `rlhf annotate` exposes), so the calibrated values live in one place.
+    n_evaluators: int = AnnotateConfig.evaluators
     """evaluators in the panel; each ranks every prompt's responses (InstructGPT had ~40 labelers, 1 per prompt)"""
-    noise: Literal["bradley_terry", "thurstone"] = "bradley_terry"
+    noise: Literal["bradley_terry", "thurstone"] = AnnotateConfig.noise
     """choice noise: Gumbel (Plackett–Luce rankings, logistic pairwise marginals) or Gaussian (Thurstone case V)"""
-    noise_scale: float = 0.085
+    noise_scale: float = AnnotateConfig.noise_scale
     """scale of the choice noise added to utilities (in [0, 1]); calibrated so evaluators agree on ~72.6% of pairs"""
-    weight_spread: float = 0.5
+    weight_spread: float = AnnotateConfig.weight_spread
     """log-normal σ of each evaluator's criterion weights around DEFAULT_WEIGHTS (how much their priorities differ)"""
     tie_margin: float = 0.0
     """responses whose noisy utilities differ by less than this (or are exactly equal) are tied"""
@@ -133,6 +135,7 @@ class SimulatedPanel:
             else:
                 # Thurstone case V: P(a > b) = Φ((u_a − u_b) / (√2 · noise_scale)).
                 eps = rng.normal(0.0, 1.0, size=len(responses))
-            rankings.append((name, tiers_from_scores(utilities[e] + self.cfg.noise_scale * eps, tol=self.cfg.tie_margin)))
+            rankings.append(
+                (name, tiers_from_scores(utilities[e] + self.cfg.noise_scale * eps, tol=self.cfg.tie_margin))
+            )
         return rankings
-

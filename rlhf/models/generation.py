@@ -21,32 +21,51 @@ class SamplingConfig:
     """prompts generated together"""
 
 
+@dataclass(frozen=True)
+class Generated:
+    text: str  # decoded, special tokens removed, stripped
+    n_tokens: int  # generated tokens, counting the EOS when there is one
+    finished: bool  # True if the model emitted EOS; False if it was cut at max_new_tokens
+
+
 @torch.no_grad()
+def generate_batch(model, tokenizer, conversations: list, sampling: SamplingConfig, n: int = 1) -> list[Generated]:
+    """`n` responses to each conversation, in one batch: [conv0 × n, conv1 × n, ...]."""
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
+    try:
+        texts = [render_prompt(tokenizer, c) for c in conversations]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    if sampling.temperature <= 0:
+        kwargs = {"do_sample": False}
+    else:
+        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    ids = model.generate(
+        **enc,
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=n,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+    new = ids[:, enc["input_ids"].shape[1] :]  # (B·n, T_new), padded after EOS
+    is_eos = new == tokenizer.eos_token_id  # (B·n, T_new)
+    finished = is_eos.any(dim=1)
+    # tokens up to and including the first EOS; every token when there is none
+    n_tokens = torch.where(
+        finished, is_eos.int().argmax(dim=1) + 1, torch.full_like(finished, new.shape[1], dtype=torch.long)
+    )
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [Generated(t.strip(), int(c), bool(f)) for t, c, f in zip(decoded, n_tokens, finished, strict=True)]
+
+
 def generate(model, tokenizer, conversations: list, sampling: SamplingConfig, seed: int | None = None) -> list[str]:
     """One response per conversation (a list of {"role", "content"} turns ending with the user's)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
-    try:
-        out = []
-        for i in range(0, len(conversations), sampling.batch_size):
-            texts = [render_prompt(tokenizer, c) for c in conversations[i : i + sampling.batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            kwargs = (
-                {"do_sample": False}
-                if sampling.temperature <= 0
-                else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-            )
-            ids = model.generate(
-                **enc,
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **kwargs,
-            )
-            new = ids[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-            out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return out
-    finally:
-        tokenizer.padding_side = side
+    out = []
+    for i in range(0, len(conversations), sampling.batch_size):
+        out += [g.text for g in generate_batch(model, tokenizer, conversations[i : i + sampling.batch_size], sampling)]
+    return out

@@ -44,4 +44,3 @@ class MetricsLogger:
             self._file.close()
         if self._tb:
             self._tb.close()
-

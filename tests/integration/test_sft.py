@@ -203,7 +203,11 @@ def test_malformed_data_stops_the_cli_with_file_and_line(tmp_path):
 def test_interactive_chat_keeps_the_conversation():
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf", "chat", "--model", "tiny", "--max-new-tokens", "4"],
-        input="Hello\nAnd again\n/reset\nThird\n/quit\n", cwd=ROOT, capture_output=True, text=True, timeout=300,
+        input="Hello\nAnd again\n/reset\nThird\n/quit\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("model> ") == 3
