@@ -2,9 +2,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -43,3 +45,18 @@ def small_demos(tmp_path: Path) -> Path:
         for i, w in enumerate(["apple", "river", "stone", "cloud", "lemon", "tiger", "piano", "maple"])
     ]
     return write_jsonl(tmp_path / "demos.jsonl", rows)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A running FakeOpenAI; proxies and judge settings are cleared from the environment."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # urllib would send 127.0.0.1 through a proxy
+    for name in ("RLHF_JUDGE_BASE_URL", "RLHF_JUDGE_MODEL", "RLHF_JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    srv = FakeOpenAI()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

@@ -294,3 +294,41 @@ def test_import_of_real_hh_accounts_for_every_row(tmp_path):
     assert f"{n_rows} rows" in head and f"{n_imported} imported" in head and f"{n_failed} not imported" in head
     assert n_imported + n_failed == n_rows and n_imported >= 2250
     assert Library(db).count(SampleRow) == 2 * n_imported
+
+
+def test_judge_annotator_through_the_cli(tmp_path, server):
+    db = tmp_path / "lib.db"
+    _library_with_tasks(db, 2)
+    server.reply("RATIONALE: 2 is clearest.\nALL_BAD: no\nRANKING: 2 > 1 = 3 > 4")
+    run_cli(
+        "annotate",
+        "--library",
+        str(db),
+        "--annotator",
+        "judge",
+        "--judge-base-url",
+        server.base_url,
+        "--judge-model",
+        "judge-m",
+    )
+    rankings = Library(db).rankings()
+    assert [(r.annotator, r.tiers, r.rationale) for r in rankings] == [
+        ("judge:judge-m", [[1], [0, 2], [3]], "2 is clearest.")
+    ] * 2
+    assert len(server.requests) == 2 and "Topic 0 is interesting" in json.dumps(server.requests[0]["json"])
+    server.script.clear()
+    server.reply("I like the second one best.")  # no RANKING line: a clear failure, never a default ranking
+    _library_with_tasks(tmp_path / "other.db", 1)
+    bad = run_cli(
+        "annotate",
+        "--library",
+        str(tmp_path / "other.db"),
+        "--annotator",
+        "judge",
+        "--judge-base-url",
+        server.base_url,
+        "--judge-model",
+        "judge-m",
+        check=False,
+    )
+    assert bad.returncode == 2 and "RANKING" in bad.stderr and Library(tmp_path / "other.db").count(RankingRow) == 0

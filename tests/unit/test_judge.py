@@ -4,11 +4,10 @@ server on 127.0.0.1 (real sockets, scripted replies: good answers, garbage, 5xx,
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import FakeOpenAI
 
 from rlhf.annotators.judge import (
     Judge,
@@ -33,68 +32,6 @@ GOOD = """RATIONALE: Response 3 answers correctly and keeps the order; 1 and 4 a
 2 is rude.
 ALL_BAD: no
 RANKING: 3 > 1 = 4 > 2"""
-
-
-# ---------------------------------------------------------------- the fake server
-
-
-class FakeOpenAI(ThreadingHTTPServer):
-    """Answers POST /v1/chat/completions from a script of replies (the last one repeats) and records each request."""
-
-    daemon_threads = True  # a handler still sleeping for the timeout test must not hold up shutdown
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.script: list[dict] = []
-        self.requests: list[dict] = []
-
-    def reply(self, content: str | None = None, status: int = 200, body: str | None = None, **kw) -> None:
-        """Queue one reply: a chat completion with `content`, or `status` with a raw `body`; kw: headers, delay_s."""
-        if body is None:
-            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-        self.script.append({"status": status, "body": body, **kw})
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: FakeOpenAI
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(raw)})
-        step = self.server.script.pop(0) if len(self.server.script) > 1 else self.server.script[0]
-        time.sleep(step.get("delay_s", 0.0))
-        try:
-            self.send_response(step["status"])
-            for name, value in step.get("headers", {}).items():
-                self.send_header(name, value)
-            body = step["body"].encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (timeout test)
-            pass
-
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture
-def server(monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)  # urllib would send 127.0.0.1 through a proxy
-    for name in ("RLHF_JUDGE_BASE_URL", "RLHF_JUDGE_MODEL", "RLHF_JUDGE_API_KEY", "OPENAI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    srv = FakeOpenAI()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 def judge_for(server: FakeOpenAI, **kw) -> Judge:
