@@ -175,8 +175,8 @@ class AnnotateConfig:
     """simulated: evaluators per prompt, each ranking every prompt (more evaluators, more reliable consensus)"""
     noise: Literal["bradley_terry", "thurstone"] = "bradley_terry"
     """simulated: choice noise model"""
-    noise_scale: float = 0.085
-    """simulated: choice noise; the default makes evaluators agree on ~72.6% of pairs, as InstructGPT's did
+    noise_scale: float = 0.035
+    """simulated: choice noise; the default makes evaluators agree on ~72.6% of sampled pairs, as InstructGPT's did
     (calibration: rlhf/annotators/simulated.py, PanelConfig)"""
     weight_spread: float = 0.5
     """simulated: how much evaluators' priorities differ (log-normal σ of their criterion weights)"""
