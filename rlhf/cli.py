@@ -63,28 +63,30 @@ def config_from_args(cls, args: argparse.Namespace, section: str):
     return build(cls, values)
 
 
-def cmd_sft(args) -> None:
-    from rlhf.stages import sft
+# (command, module in rlhf.stages, config class, one-line help): each runs `module.run(config)`.
+STAGES = (
+    ("sft", "sft", SFTConfig, "stage 1: supervised fine-tuning on demonstrations"),
+    ("sample", "sample", SampleConfig, "stage 2a: write K responses per prompt into the response library"),
+    (
+        "annotate",
+        "annotate",
+        AnnotateConfig,
+        "stage 2b: rank each prompt's responses (simulated panel, judge, function)",
+    ),
+    (
+        "filter",
+        "filter",
+        FilterConfig,
+        "stage 2c: consensus + agreement, select comparisons, write filter_report.json",
+    ),
+)
 
-    sft.run(config_from_args(SFTConfig, args, "sft"))
 
+def run_stage(args) -> None:
+    import importlib
 
-def cmd_sample(args) -> None:
-    from rlhf.stages import sample
-
-    sample.run(config_from_args(SampleConfig, args, "sample"))
-
-
-def cmd_annotate(args) -> None:
-    from rlhf.stages import annotate
-
-    annotate.run(config_from_args(AnnotateConfig, args, "annotate"))
-
-
-def cmd_filter(args) -> None:
-    from rlhf.stages import filter as filter_stage
-
-    filter_stage.run(config_from_args(FilterConfig, args, "filter"))
+    module = importlib.import_module(f"rlhf.stages.{args.stage_module}")
+    module.run(config_from_args(args.stage_config, args, args.command))
 
 
 def cmd_import(args) -> None:
@@ -172,25 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sft", help="stage 1: supervised fine-tuning on demonstrations", description=SFTConfig.__doc__)
-    add_config_flags(p, SFTConfig)
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser(
-        "sample",
-        help="stage 2a: write K responses per prompt into the response library",
-        description=SampleConfig.__doc__,
-    )
-    add_config_flags(p, SampleConfig)
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser(
-        "annotate",
-        help="stage 2b: rank each prompt's responses (simulated panel, judge, function)",
-        description=AnnotateConfig.__doc__,
-    )
-    add_config_flags(p, AnnotateConfig)
-    p.set_defaults(func=cmd_annotate)
+    for command, module, cls, help_text in STAGES:
+        p = sub.add_parser(command, help=help_text, description=cls.__doc__)
+        add_config_flags(p, cls)
+        p.set_defaults(func=run_stage, stage_module=module, stage_config=cls)
 
     p = sub.add_parser(
         "import", help="bring outside preference data (pairwise, ranked, Anthropic HH) into the library"
@@ -200,14 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "pairwise", "ranked", "hh"])
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any row could not be imported")
     p.set_defaults(func=cmd_import)
-
-    p = sub.add_parser(
-        "filter",
-        help="stage 2c: consensus + agreement, select comparisons, write filter_report.json",
-        description=FilterConfig.__doc__,
-    )
-    add_config_flags(p, FilterConfig)
-    p.set_defaults(func=cmd_filter)
 
     p = sub.add_parser("chat", help="talk to a model (or answer one --prompt and exit)")
     p.add_argument("--model", default="embedded", help="save_pretrained folder, `embedded` or `tiny`")
