@@ -23,27 +23,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class SFTConfig:
-    """Stage 1, supervised fine-tuning on human demonstrations (InstructGPT §3.5)."""
+class TrainConfig:
+    """What every training stage shares: run folder, optimiser, schedule, LoRA, precision, checkpoints."""
 
-    model: str = "embedded"
-    """policy to fine-tune: a save_pretrained folder, `embedded` (SmolLM2-135M-Instruct) or `tiny` (random, tests)"""
-    data: str = "examples/demos.jsonl"
-    """demonstrations (JSONL): prompt or messages + response; Alpaca/Self-Instruct; or Anthropic HH dialogues"""
-    data_format: Literal["auto", "rlhf", "alpaca", "hh"] = "auto"
-    """format of `data` and `eval_data`; `auto` decides from the first row's fields"""
-    eval_data: str | None = None
-    """held-out demonstrations; when unset, `eval_fraction` of `data` is held out"""
     eval_fraction: float = 0.1
-    """share of `data` held out for the held-out loss when `eval_data` is unset (0 disables evaluation)"""
+    """share of the data held out for evaluation when no held-out file is given (0 disables evaluation)"""
     out: str = "runs/default"
-    """run folder; this stage writes OUT/sft/ (final/ and checkpoints/), OUT/metrics.jsonl, OUT/tb/"""
+    """run folder; a stage writes OUT/STAGE/ (final/ and checkpoints/), OUT/metrics.jsonl, OUT/tb/"""
     epochs: float = 2.0
-    """passes over the training demonstrations (fractions allowed)"""
+    """passes over the training data (fractions allowed)"""
     batch_size: int = 8
-    """demonstrations per optimiser step, over all processes and accumulation steps"""
+    """examples per optimiser step (demonstrations; ranked prompts for the reward model), over all processes and
+    accumulation steps"""
     micro_batch_size: int = 4
-    """demonstrations per forward pass on each process; batch_size / (micro_batch_size · processes) = accumulation"""
+    """examples per forward pass on each process; batch_size / (micro_batch_size · processes) = accumulation"""
     lr: float = 5e-5
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -57,7 +50,8 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (0 disables clipping)"""
     max_seq_len: int = 512
-    """longest prompt + response in tokens; longer responses are cut (and counted), a longer prompt is an error"""
+    """longest prompt + response in tokens; longer responses are cut and counted, examples whose prompt alone fills
+    it are left out and named"""
     lora: bool = False
     """train LoRA adapters instead of all weights (peft); final/ holds the merged model"""
     lora_r: int = 16
@@ -83,7 +77,7 @@ class SFTConfig:
     stop_after_steps: int | None = None
     """stop (with a checkpoint) after this many optimiser steps; the schedule still spans the full run"""
     resume: bool = False
-    """continue from OUT/sft/checkpoints/latest (refused if the checkpoint's config differs)"""
+    """continue from OUT/STAGE/checkpoints/latest (refused if the checkpoint's config differs)"""
     progress: bool = True
     """show a progress bar"""
 
@@ -120,6 +114,24 @@ class SFTConfig:
     def fingerprint(self) -> dict:
         """The fields a checkpoint must agree with to be resumed."""
         return {k: v for k, v in to_dict(self).items() if k not in self.RESUME_FREE}
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Stage 1, supervised fine-tuning on human demonstrations (InstructGPT §3.5)."""
+
+    model: str = "embedded"
+    """policy to fine-tune: a save_pretrained folder, `embedded` (SmolLM2-135M-Instruct) or `tiny` (random, tests)"""
+    data: str = "examples/demos.jsonl"
+    """demonstrations (JSONL): prompt or messages + response; Alpaca/Self-Instruct; or Anthropic HH dialogues"""
+    data_format: Literal["auto", "rlhf", "alpaca", "hh"] = "auto"
+    """format of `data` and `eval_data`; `auto` decides from the first row's fields"""
+    eval_data: str | None = None
+    """held-out demonstrations; when unset, `eval_fraction` of `data` is held out"""
+    epochs: float = 2.0
+    """passes over the training demonstrations (fractions allowed)"""
+    lr: float = 5e-5
+    """peak learning rate of AdamW"""
 
 
 @dataclass
@@ -229,13 +241,57 @@ class FilterConfig:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1]")
 
 
+@dataclass
+class RewardConfig(TrainConfig):
+    """Stage 2d: a reward model trained on whole K-way rankings (InstructGPT §3.5, eq. 1)."""
+
+    model: str = "embedded"
+    """trunk of the reward model (usually OUT/sft/final, or a reward model to continue); a scalar head reads the
+    last token"""
+    library: str | None = None
+    """the response library to train on: the comparisons `rlhf filter` selected"""
+    selection: str = "default"
+    """which filtered selection of the library"""
+    data: str | None = None
+    """instead of a library: a pairwise, ranked or Anthropic HH JSONL file"""
+    data_format: Literal["auto", "pairwise", "ranked", "hh"] = "auto"
+    """format of `data` and `eval_data`"""
+    eval_data: str | None = None
+    """held-out comparisons file; when unset, `eval_fraction` of the prompts is held out"""
+    reference: str | None = None
+    """demonstrations JSONL whose responses should score 0 on average: the head is shifted after training"""
+    margin_scale: float = 0.0
+    """each pair must be won by margin_scale · (2·agreement − 1) (Llama 2 §3.2.2); 0 disables margins"""
+    epochs: float = 1.0
+    """passes over the training rankings (InstructGPT: one; more overfits)"""
+    lr: float = 2e-5
+    """peak learning rate of AdamW"""
+    eval_every: int = 25
+    """optimiser steps between held-out evaluations (also at the start and the end)"""
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.library is None) == (self.data is None):
+            raise ConfigError("give exactly one of --library (a filtered response library) or --data (a file)")
+        if self.margin_scale < 0:
+            raise ConfigError("margin_scale must be >= 0")
+
+
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings (the string literal under each field), read from the class source."""
+    """Attribute docstrings (the string literal under each field), read from the source of cls and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from rlhf.runtime.files import atomic_write_text, fsync_dir, fsync_tree
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+DONE_FILE = "rlhf_stage.json"  # written into final/ last: its presence means the stage is complete
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -92,3 +94,48 @@ def check_same_config(saved: dict, current: dict, checkpoint: Path) -> None:
             + "\n".join(lines)
             + "\nRun again with the checkpoint's settings, or write to a new --out folder."
         )
+
+
+def resume_point(stage_dir: Path, cfg, accelerator) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its trainer state) to continue from, or (None, None) for a fresh start.
+
+    Refuses existing checkpoints without `resume`, a checkpoint written with a different config, or by a
+    different number of processes; all before any expensive work.
+    """
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None and not cfg.resume:
+        raise ResumeError(
+            f"{stage_dir} already holds checkpoints (latest: {checkpoint.name}); "
+            "pass --resume to continue that run, or choose another --out"
+        )
+    if checkpoint is None:
+        return None, None
+    state = read_trainer_state(checkpoint)
+    check_same_config(state["fingerprint"], cfg.fingerprint(), checkpoint)
+    if state["world_size"] != accelerator.num_processes:
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: it was written by {state['world_size']} processes, "
+            f"this run has {accelerator.num_processes}; launch with the same number"
+        )
+    return checkpoint, state
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (Path(stage_dir) / "final" / DONE_FILE).exists()
+
+
+def save_final(accelerator, model, tokenizer, stage_dir: Path, summary: dict) -> Path:
+    """Write stage_dir/final/ as a plain save_pretrained folder, atomically; DONE_FILE (the summary) marks it done.
+
+    `model` must already be a plain transformers model (LoRA merged)."""
+    final = Path(stage_dir) / "final"
+    if accelerator.is_main_process:
+        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=stage_dir))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / DONE_FILE).write_text(json.dumps(summary, indent=1))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

@@ -9,11 +9,7 @@ and a resumed run continues exactly where the checkpoint left it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,22 +25,14 @@ from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
-from rlhf.runtime.checkpoint import (
-    ResumeError,
-    check_same_config,
-    latest_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-)
+from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint, save_final
 from rlhf.runtime.distributed import make_accelerator
-from rlhf.runtime.files import fsync_tree
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.run_folder import record_config
 from rlhf.runtime.schedule import make_scheduler
 from rlhf.runtime.seed import seed_everything
 
 STAGE = "sft"
-DONE_FILE = "rlhf_stage.json"  # written into final/ last: its presence means the stage is complete
 
 
 def split_heldout(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -124,47 +112,18 @@ def tokenize_all(tokenizer, demos: list[Demonstration], max_seq_len: int, say) -
     return examples
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, stage_dir: Path, summary: dict) -> Path:
-    """Write stage_dir/final/ as a plain save_pretrained folder (LoRA merged), atomically."""
-    final = stage_dir / "final"
-    model = plain_model(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=stage_dir))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / DONE_FILE).write_text(json.dumps(summary, indent=1))
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def run(cfg: SFTConfig) -> Path:
     cfg.validate()
     accelerator = make_accelerator(cfg.mixed_precision)
     main = accelerator.is_main_process
     say = accelerator.print
     stage_dir = Path(cfg.out) / STAGE
-    if (stage_dir / "final" / DONE_FILE).exists():
+    if is_complete(stage_dir):
         say(f"sft: {stage_dir / 'final'} is already complete; nothing to do")
         return stage_dir / "final"
 
     # 1. decide between a fresh start and a resume, before any expensive work
-    checkpoint = latest_checkpoint(stage_dir)
-    if checkpoint is not None and not cfg.resume:
-        raise ResumeError(
-            f"{stage_dir} already holds checkpoints (latest: {checkpoint.name}); "
-            "pass --resume to continue that run, or choose another --out"
-        )
-    trainer_state = read_trainer_state(checkpoint) if checkpoint is not None else None
-    if trainer_state is not None:
-        check_same_config(trainer_state["fingerprint"], cfg.fingerprint(), checkpoint)
-        if trainer_state["world_size"] != accelerator.num_processes:
-            raise ResumeError(
-                f"cannot resume from {checkpoint}: it was written by {trainer_state['world_size']} processes, "
-                f"this run has {accelerator.num_processes}; launch with the same number"
-            )
+    checkpoint, trainer_state = resume_point(stage_dir, cfg, accelerator)
     if main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         record_config(cfg.out, STAGE, cfg)
@@ -280,6 +239,6 @@ def run(cfg: SFTConfig) -> Path:
         return stage_dir
     # 5. the result: a plain transformers folder
     summary = {"stage": STAGE, "steps": total_steps, "config": to_dict(cfg)}
-    final = save_final(accelerator, model, tokenizer, stage_dir, summary)
+    final = save_final(accelerator, plain_model(accelerator.unwrap_model(model)), tokenizer, stage_dir, summary)
     say(f"sft: done; model saved to {final}")
     return final
