@@ -16,6 +16,7 @@ from rlhf.config import (
     AnnotateConfig,
     ConfigError,
     FilterConfig,
+    RewardConfig,
     SampleConfig,
     SFTConfig,
     build,
@@ -67,18 +68,9 @@ def config_from_args(cls, args: argparse.Namespace, section: str):
 STAGES = (
     ("sft", "sft", SFTConfig, "stage 1: supervised fine-tuning on demonstrations"),
     ("sample", "sample", SampleConfig, "stage 2a: write K responses per prompt into the response library"),
-    (
-        "annotate",
-        "annotate",
-        AnnotateConfig,
-        "stage 2b: rank each prompt's responses (simulated panel, judge, function)",
-    ),
-    (
-        "filter",
-        "filter",
-        FilterConfig,
-        "stage 2c: consensus + agreement, select comparisons, write filter_report.json",
-    ),
+    ("annotate", "annotate", AnnotateConfig, "stage 2b: rank each prompt's responses (panel, judge, function)"),
+    ("filter", "filter", FilterConfig, "stage 2c: consensus, agreement, selection, filter_report.json"),
+    ("rm", "reward", RewardConfig, "stage 2d: train the reward model on K-way rankings"),
 )
 
 
@@ -87,6 +79,33 @@ def run_stage(args) -> None:
 
     module = importlib.import_module(f"rlhf.stages.{args.stage_module}")
     module.run(config_from_args(args.stage_config, args, args.command))
+
+
+def cmd_rm_score(args) -> None:
+    import json
+
+    from rlhf.stages.reward import score_file
+
+    rows = score_file(args.model, args.data, args.format, args.max_seq_len, args.batch_size)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if args.out:
+        out.close()
+        scores = [r["score"] for r in rows]
+        print(f"rm score: {len(rows)} rows scored (mean {sum(scores) / len(scores):.3f}) into {args.out}")
+
+
+def rm_score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf rm score", description="Score prompt/response rows with a reward model.")
+    p.add_argument("--model", required=True, help="a reward model folder (OUT/rm/final)")
+    p.add_argument("--data", required=True, help="JSONL of prompt (or messages) + response; Alpaca or HH also read")
+    p.add_argument("--format", default="auto", choices=["auto", "rlhf", "alpaca", "hh"])
+    p.add_argument("--out", help="write JSONL rows with a `score` here (default: standard output)")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_rm_score, command="rm score")
+    return p
 
 
 def cmd_import(args) -> None:
@@ -206,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `rlhf rm score ...` scores with a trained reward model; plain `rlhf rm ...` trains one.
+    args = rm_score_parser().parse_args(argv[2:]) if argv[:2] == ["rm", "score"] else build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     from rlhf.annotators.judge import JudgeError

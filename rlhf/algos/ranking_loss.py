@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 
 def kwise_loss(
-    scores: torch.Tensor, pairs: torch.Tensor, pair_task: torch.Tensor, n_tasks: int, margins: torch.Tensor | None = None
+    scores: torch.Tensor,
+    pairs: torch.Tensor,
+    pair_task: torch.Tensor,
+    n_tasks: int,
+    margins: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over tasks of the mean over each task's pairs of −log σ(r_better − r_worse − margin).
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 
-def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
+def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, config)
 
 

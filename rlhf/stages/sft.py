@@ -28,6 +28,7 @@ from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint, save_final
 from rlhf.runtime.distributed import make_accelerator
 from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.order import sample_indices
 from rlhf.runtime.run_folder import record_config
 from rlhf.runtime.schedule import make_scheduler
 from rlhf.runtime.seed import seed_everything
@@ -43,22 +44,6 @@ def split_heldout(demos: list[Demonstration], fraction: float, seed: int) -> tup
     order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:k])
     return [d for i, d in enumerate(demos) if i not in held], [d for i, d in enumerate(demos) if i in held]
-
-
-def sample_indices(start: int, count: int, n: int, seed: int) -> list[int]:
-    """Indices of samples start..start+count-1 of the endless stream of per-epoch shuffles of range(n).
-
-    Batches run across epoch boundaries, so no example is ever dropped for not filling a batch, and the order
-    is a pure function of (seed, position): a resumed run picks up exactly where it stopped.
-    """
-    perms: dict[int, list[int]] = {}
-    out = []
-    for i in range(start, start + count):
-        epoch, j = divmod(i, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out.append(perms[epoch][j])
-    return out
 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
