@@ -101,29 +101,31 @@ def split_by_prompt(tasks: list[RankedTask], fraction: float, seed: int) -> tupl
 
 
 def tokenize_tasks(tokenizer, tasks: list[RankedTask], max_seq_len: int, say) -> list[RankedTask]:
-    kept, dropped = [], []
+    """Token ids of every response of every task; too-long conversations keep their last max_seq_len tokens."""
+    cut = 0
     for t in tasks:
-        try:
-            t.sequences = [
-                tokenize_demonstration(tokenizer, Demonstration(t.prompt_id, t.messages, r), max_seq_len).input_ids
-                for r in t.responses
-            ]
-            kept.append(t)
-        except PromptTooLong as e:
-            dropped.append(str(e))
-    if dropped:
-        say(f"rm: left out {len(dropped)} prompts that alone fill max_seq_len={max_seq_len}, e.g. {dropped[0]}")
-    return kept
+        t.sequences = response_sequences(
+            tokenizer, [Demonstration(t.prompt_id, t.messages, r) for r in t.responses], max_seq_len
+        )
+        cut += sum(len(s) == max_seq_len for s in t.sequences)
+    if cut:
+        say(f"rm: {cut} conversations were longer than max_seq_len={max_seq_len} and keep only their last tokens")
+    return tasks
 
 
 def response_sequences(tokenizer, demos: list[Demonstration], max_seq_len: int) -> list[list[int]]:
-    """Token ids of prompt + response for scoring; a prompt longer than max_seq_len is cut to its last tokens."""
+    """Token ids of prompt + response for scoring. When a conversation is longer than max_seq_len, its end matters
+    most (the response and the turns just before it), so it keeps its last max_seq_len tokens."""
     out = []
     for d in demos:
         try:
             out.append(tokenize_demonstration(tokenizer, d, max_seq_len).input_ids)
         except PromptTooLong:
             out.append(tokenize_demonstration(tokenizer, d, 10**9).input_ids[-max_seq_len:])
+            continue
+        if out[-1] and len(out[-1]) == max_seq_len and out[-1][-1] != tokenizer.eos_token_id:
+            # tokenize_demonstration cut the response's end; keep the end instead (it holds the EOS and the verdict)
+            out[-1] = tokenize_demonstration(tokenizer, d, 10**9).input_ids[-max_seq_len:]
     return out
 
 
