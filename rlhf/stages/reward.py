@@ -289,6 +289,9 @@ def run(cfg: RewardConfig) -> Path:
         t0 = time.perf_counter()
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
         mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        # The step's loss is a sum over its prompts, so their order within the step is free: grouping prompts of
+        # similar length into the same micro-batch cuts padding without changing the update.
+        mine.sort(key=lambda i: max(len(s) for s in train[i].sequences))
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         right = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         for k in range(0, per_rank, cfg.micro_batch_size):
