@@ -174,3 +174,30 @@ def test_pairwise_file_with_reference_centring(tmp_path):
     scored = run_cli("rm", "score", "--model", str(out / "rm" / "final"), "--data", str(refs))
     scores = [json.loads(line)["score"] for line in scored.stdout.splitlines() if line.startswith("{")]
     assert len(scores) == 5 and abs(sum(scores) / 5) < 1e-4  # the saved model scores its references 0 on average
+
+
+def test_lora_reward_model_saves_a_plain_model(tmp_path):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"A careful answer {i}.", "rejected": f"no {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run_cli(
+        "rm",
+        *TINY,
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--lora",
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--eval-fraction",
+        "0",
+    )
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "rm" / "final")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert model.score.weight.abs().sum() > 0
