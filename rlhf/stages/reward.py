@@ -29,13 +29,10 @@ from rlhf.data.preferences import read_preferences
 from rlhf.data.records import Demonstration, read_demonstrations
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.reward import center_on_reference, load_reward_model, pad_batch, score
-from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint, save_final
-from rlhf.runtime.distributed import make_accelerator
+from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
-from rlhf.runtime.run_folder import record_config
-from rlhf.runtime.schedule import make_scheduler
-from rlhf.runtime.seed import seed_everything
+from rlhf.runtime.stage import begin, optimise, step_optimizer
 
 STAGE = "rm"
 
@@ -210,28 +207,17 @@ def summarize(totals: torch.Tensor) -> dict:
 
 
 def run(cfg: RewardConfig) -> Path:
-    cfg.validate()
-    accelerator = make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
-    say = accelerator.print
-    stage_dir = Path(cfg.out) / STAGE
-    if is_complete(stage_dir):
-        say(f"rm: {stage_dir / 'final'} is already complete; nothing to do")
-        return stage_dir / "final"
-
     # 1. fresh start or resume, decided before any expensive work
-    checkpoint, trainer_state = resume_point(stage_dir, cfg, accelerator)
-    if main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        record_config(cfg.out, STAGE, cfg)
-    seed_everything(cfg.seed)
+    st = begin(cfg, STAGE)
+    if st is None:
+        return Path(cfg.out) / STAGE / "final"
+    accelerator, main, say = st.accelerator, st.main, st.accelerator.print
 
     # 2. ranked tasks → held-out split by prompt → token ids
-    tasks = (
-        tasks_from_library(cfg.library, cfg.selection)
-        if cfg.library
-        else tasks_from_file(cfg.data, cfg.data_format, say)
-    )
+    if cfg.library:
+        tasks = tasks_from_library(cfg.library, cfg.selection)
+    else:
+        tasks = tasks_from_file(cfg.data, cfg.data_format, say)
     if cfg.eval_data:
         train, held = tasks, tasks_from_file(cfg.eval_data, cfg.data_format, say)
     else:
@@ -242,29 +228,13 @@ def run(cfg: RewardConfig) -> Path:
     held = tokenize_tasks(tokenizer, held, cfg.max_seq_len, say)
 
     # 3. model, optimiser, schedule
-    world = accelerator.num_processes
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(
-            f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
-            f"({cfg.micro_batch_size}) × processes ({world})"
-        )
     if cfg.lora:
         # SEQ_CLS: peft trains the new score head in full beside the adapters
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, "SEQ_CLS")
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * total_steps), total_steps, cfg.schedule)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    start = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start = trainer_state["step"]
-        say(f"rm: resumed from {checkpoint} at step {start} of {total_steps}")
-    end = min(total_steps, cfg.stop_after_steps or total_steps)
+    opt = optimise(st, model, len(train))
+    model, world = opt.model, accelerator.num_processes
+    start, end, total_steps, per_rank = opt.start, opt.end, opt.total_steps, opt.per_rank
+    stage_dir = st.stage_dir
     n_pairs = sum(len(t.pairs) for t in train)
     say(
         f"rm: {len(train)} training prompts ({n_pairs} pairs, K={min(len(t.responses) for t in train)}–"
@@ -284,7 +254,6 @@ def run(cfg: RewardConfig) -> Path:
         logger.log(0, metrics)
         say(f"rm: before training: held-out accuracy {metrics['heldout_accuracy']:.3f}")
     bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), desc="rm", unit="step")
-    per_rank = cfg.batch_size // world
     for step in range(start, end):
         t0 = time.perf_counter()
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
@@ -311,16 +280,13 @@ def run(cfg: RewardConfig) -> Path:
         right = accelerator.reduce(right, "sum")
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"rm: the loss became {step_loss} at step {step + 1}; lower --lr")
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = step_optimizer(st, opt)
         done = step + 1
         metrics = {
             "loss": step_loss,
             "train_accuracy": float(right[0] / right[1]),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "lr": opt.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
             "seconds": time.perf_counter() - t0,
         }
         if done % cfg.log_every == 0 or done == end:
@@ -335,9 +301,7 @@ def run(cfg: RewardConfig) -> Path:
                     f"rm: step {done}: held-out accuracy {ev['heldout_accuracy']:.3f}"
                     + (f", gold accuracy {ev['gold_accuracy']:.3f}" if "gold_accuracy" in ev else "")
                 )
-        if done % cfg.save_every == 0 or (done == end and end < total_steps):
-            state = {"step": done, "total_steps": total_steps, "world_size": world, "fingerprint": cfg.fingerprint()}
-            save_checkpoint(accelerator, stage_dir, done, state, cfg.keep_checkpoints)
+        st.checkpoint_if_due(done, end, total_steps)
     bar.close()
     if end < total_steps:
         logger.close()

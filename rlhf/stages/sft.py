@@ -25,13 +25,10 @@ from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
-from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint, save_final
-from rlhf.runtime.distributed import make_accelerator
+from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
-from rlhf.runtime.run_folder import record_config
-from rlhf.runtime.schedule import make_scheduler
-from rlhf.runtime.seed import seed_everything
+from rlhf.runtime.stage import begin, optimise, step_optimizer
 
 STAGE = "sft"
 
@@ -98,21 +95,11 @@ def tokenize_all(tokenizer, demos: list[Demonstration], max_seq_len: int, say) -
 
 
 def run(cfg: SFTConfig) -> Path:
-    cfg.validate()
-    accelerator = make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
-    say = accelerator.print
-    stage_dir = Path(cfg.out) / STAGE
-    if is_complete(stage_dir):
-        say(f"sft: {stage_dir / 'final'} is already complete; nothing to do")
-        return stage_dir / "final"
-
-    # 1. decide between a fresh start and a resume, before any expensive work
-    checkpoint, trainer_state = resume_point(stage_dir, cfg, accelerator)
-    if main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        record_config(cfg.out, STAGE, cfg)
-    seed_everything(cfg.seed)
+    # 1. fresh start or resume, decided before any expensive work
+    st = begin(cfg, STAGE)
+    if st is None:
+        return Path(cfg.out) / STAGE / "final"
+    accelerator = st.accelerator
 
     # 2. data: demonstrations → held-out split → token ids with the response located
     demos = read_demonstrations(cfg.data, cfg.data_format)
@@ -121,57 +108,38 @@ def run(cfg: SFTConfig) -> Path:
     else:
         train_demos, eval_demos = split_heldout(demos, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_causal_lm(cfg.model)
-    train = tokenize_all(tokenizer, train_demos, cfg.max_seq_len, say)
-    held = tokenize_all(tokenizer, eval_demos, cfg.max_seq_len, say)
+    train = tokenize_all(tokenizer, train_demos, cfg.max_seq_len, accelerator.print)
+    held = tokenize_all(tokenizer, eval_demos, cfg.max_seq_len, accelerator.print)
 
     # 3. model, optimiser, schedule
-    world = accelerator.num_processes
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(
-            f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size}) "
-            f"× processes ({world})"
-        )
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
     if cfg.lora:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * total_steps), total_steps, cfg.schedule)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: a prepared one steps once per process
-    start = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start = trainer_state["step"]
-        say(f"sft: resumed from {checkpoint} at step {start} of {total_steps}")
-    end = min(total_steps, cfg.stop_after_steps or total_steps)
-    n_params = sum(p.numel() for p in params)
-    say(
-        f"sft: {len(train)} training and {len(held)} held-out demonstrations, {total_steps} steps of "
-        f"{cfg.batch_size} ({world} process(es) × {accum} accumulation × {cfg.micro_batch_size}); "
-        f"training {n_params / 1e6:.2f}M parameters{' (LoRA)' if cfg.lora else ''}"
+    opt = optimise(st, model, len(train))
+    model, world = opt.model, accelerator.num_processes
+    st.say(
+        f"{len(train)} training and {len(held)} held-out demonstrations, {opt.total_steps} steps of "
+        f"{cfg.batch_size} ({world} process(es) × {opt.accumulation} accumulation × {cfg.micro_batch_size}); "
+        f"training {sum(p.numel() for p in opt.params) / 1e6:.2f}M parameters{' (LoRA)' if cfg.lora else ''}"
     )
 
     # 4. train
-    logger = MetricsLogger(cfg.out, STAGE, enabled=main)
+    logger = MetricsLogger(cfg.out, STAGE, enabled=st.main)
     pad_id = tokenizer.pad_token_id
-    if start == 0 and held:
+    if opt.start == 0 and held:
         loss = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
         logger.log(0, {"heldout_loss": loss})
-        say(f"sft: held-out loss before training {loss:.4f}")
-    bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), desc="sft", unit="step")
-    for step in range(start, end):
+        st.say(f"held-out loss before training {loss:.4f}")
+    bar = tqdm(
+        total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=STAGE, unit="step"
+    )
+    for step in range(opt.start, opt.end):
         t0 = time.perf_counter()
         # 4a. this process's share of the step's batch, as micro-batches
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
-        per_rank = cfg.batch_size // world
-        mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        mine = indices[accelerator.process_index * opt.per_rank : (accelerator.process_index + 1) * opt.per_rank]
         micro_batches = [
             collate_sft([train[i] for i in mine[k : k + cfg.micro_batch_size]], pad_id)
-            for k in range(0, per_rank, cfg.micro_batch_size)
+            for k in range(0, opt.per_rank, cfg.micro_batch_size)
         ]
         local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         seen_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
@@ -190,40 +158,34 @@ def run(cfg: SFTConfig) -> Path:
         if not math.isfinite(loss):
             raise FloatingPointError(f"sft: the loss became {loss} at step {step + 1}; lower --lr or check the data")
         # 4c. clip, update, schedule
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = step_optimizer(st, opt)
         done = step + 1
-        seconds = time.perf_counter() - t0
         metrics = {
             "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": int(counts[1]) / seconds,
+            "lr": opt.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": int(counts[1]) / (time.perf_counter() - t0),
             "response_tokens": n_response_tokens,
             "epoch": done * cfg.batch_size / len(train),
         }
-        if done % cfg.log_every == 0 or done == end:
+        if done % cfg.log_every == 0 or done == opt.end:
             logger.log(done, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         # 4d. evaluate and checkpoint
-        if held and (done % cfg.eval_every == 0 or done == total_steps):
-            metrics["heldout_loss"] = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
-            logger.log(done, {"heldout_loss": metrics["heldout_loss"]})
-            if main:
-                bar.write(f"sft: step {done}: held-out loss {metrics['heldout_loss']:.4f}")
-        if done % cfg.save_every == 0 or (done == end and end < total_steps):
-            state = {"step": done, "total_steps": total_steps, "world_size": world, "fingerprint": cfg.fingerprint()}
-            save_checkpoint(accelerator, stage_dir, done, state, cfg.keep_checkpoints)
+        if held and (done % cfg.eval_every == 0 or done == opt.total_steps):
+            heldout = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
+            logger.log(done, {"heldout_loss": heldout})
+            if st.main:
+                bar.write(f"sft: step {done}: held-out loss {heldout:.4f}")
+        st.checkpoint_if_due(done, opt.end, opt.total_steps)
     bar.close()
     logger.close()
-    if end < total_steps:
-        say(f"sft: stopped at step {end} of {total_steps} (stop_after_steps); continue with --resume")
-        return stage_dir
+    if opt.end < opt.total_steps:
+        st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
+        return st.stage_dir
     # 5. the result: a plain transformers folder
-    summary = {"stage": STAGE, "steps": total_steps, "config": to_dict(cfg)}
-    final = save_final(accelerator, plain_model(accelerator.unwrap_model(model)), tokenizer, stage_dir, summary)
-    say(f"sft: done; model saved to {final}")
+    summary = {"stage": STAGE, "steps": opt.total_steps, "config": to_dict(cfg)}
+    final = save_final(accelerator, plain_model(accelerator.unwrap_model(model)), tokenizer, st.stage_dir, summary)
+    st.say(f"done; model saved to {final}")
     return final

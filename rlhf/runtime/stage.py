@@ -1,0 +1,117 @@
+"""What every training stage does around its own math: start or resume, optimiser and schedule, checkpoints.
+
+A stage's `run(cfg)` reads: `st = begin(cfg, "rm")`, load data and model, `opt = optimise(st, cfg, model, n)`,
+then its loop calling `st.checkpoint(...)`, then `save_final`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint
+from rlhf.runtime.distributed import make_accelerator
+from rlhf.runtime.run_folder import record_config
+from rlhf.runtime.schedule import make_scheduler
+from rlhf.runtime.seed import seed_everything
+
+
+@dataclass
+class Stage:
+    name: str
+    cfg: object
+    accelerator: object
+    stage_dir: Path
+    checkpoint: Path | None  # to resume from
+    trainer_state: dict | None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        self.accelerator.print(f"{self.name}: {text}")
+
+    def checkpoint_if_due(self, done: int, end: int, total_steps: int) -> None:
+        """Every save_every steps, and when stopping early (stop_after_steps)."""
+        if done % self.cfg.save_every == 0 or (done == end and end < total_steps):
+            state = {
+                "step": done,
+                "total_steps": total_steps,
+                "world_size": self.accelerator.num_processes,
+                "fingerprint": self.cfg.fingerprint(),
+            }
+            save_checkpoint(self.accelerator, self.stage_dir, done, state, self.cfg.keep_checkpoints)
+
+
+def begin(cfg, name: str) -> Stage | None:
+    """Validate, make the accelerator, decide fresh start or resume (before expensive work), record the config.
+
+    None when OUT/NAME/final is already complete."""
+    cfg.validate()
+    accelerator = make_accelerator(cfg.mixed_precision)
+    stage_dir = Path(cfg.out) / name
+    if is_complete(stage_dir):
+        accelerator.print(f"{name}: {stage_dir / 'final'} is already complete; nothing to do")
+        return None
+    checkpoint, state = resume_point(stage_dir, cfg, accelerator)
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        record_config(cfg.out, name, cfg)
+    seed_everything(cfg.seed)
+    return Stage(name, cfg, accelerator, stage_dir, checkpoint, state)
+
+
+@dataclass
+class Optimisation:
+    model: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]  # the trainable ones
+    total_steps: int  # of the whole run: the schedule spans them
+    start: int  # first step to run (after a resume)
+    end: int  # last step this invocation runs (stop_after_steps)
+    per_rank: int  # examples per step on each process
+    accumulation: int  # micro-batches per step on each process
+
+
+def optimise(st: Stage, model, n_train: int) -> Optimisation:
+    """AdamW over the trainable parameters, warm-up + decay schedule, Accelerate prepare, and the resume."""
+    cfg, accelerator = st.cfg, st.accelerator
+    world = accelerator.num_processes
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size}) "
+            f"× processes ({world})"
+        )
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    total_steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
+    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * total_steps), total_steps, cfg.schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: a prepared one steps once per process
+    start = 0
+    if st.checkpoint is not None:
+        accelerator.load_state(str(st.checkpoint))
+        start = st.trainer_state["step"]
+        st.say(f"resumed from {st.checkpoint} at step {start} of {total_steps}")
+    end = min(total_steps, cfg.stop_after_steps or total_steps)
+    per_rank = cfg.batch_size // world
+    return Optimisation(
+        model, optimizer, scheduler, params, total_steps, start, end, per_rank, per_rank // cfg.micro_batch_size
+    )
+
+
+def step_optimizer(st: Stage, opt: Optimisation) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    max_norm = st.cfg.max_grad_norm if st.cfg.max_grad_norm > 0 else math.inf
+    grad_norm = st.accelerator.clip_grad_norm_(opt.params, max_norm)
+    opt.optimizer.step()
+    opt.scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
