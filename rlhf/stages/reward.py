@@ -256,6 +256,7 @@ def run(cfg: RewardConfig) -> Path:
         logger.log(0, metrics)
         say(f"rm: before training: held-out accuracy {metrics['heldout_accuracy']:.3f}")
     bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), desc="rm", unit="step")
+    ev = None  # the latest held-out evaluation; the last step always has one
     for step in range(start, end):
         t0 = time.perf_counter()
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
@@ -314,7 +315,7 @@ def run(cfg: RewardConfig) -> Path:
     final_model = plain_model(accelerator.unwrap_model(model))
     summary = {"stage": STAGE, "steps": total_steps, "config": to_dict(cfg)}
     if held:
-        summary["heldout"] = heldout(final_model)
+        summary["heldout"] = ev if ev is not None else heldout(final_model)
     if cfg.reference:
         refs = read_demonstrations(cfg.reference)
         sequences = response_sequences(tokenizer, refs, cfg.max_seq_len)
