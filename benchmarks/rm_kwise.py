@@ -8,6 +8,7 @@ demonstrations), ranked by the simulated panel, filtered by `rlhf filter`; 20% o
    its own batch element, as InstructGPT warns against: each response then gets K−1 updates per epoch), trained on
    the same comparisons with the same number of pairs per step: held-out accuracy after each epoch.
 2. K-wise with 1, 3 and 5 evaluators per prompt: held-out accuracy against the panel's gold.
+Run it alone: the seconds column is wall time of the training steps.
 """
 
 from __future__ import annotations
