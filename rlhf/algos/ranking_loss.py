@@ -39,9 +39,3 @@ def kwise_loss(
     counts = torch.bincount(pair_task, minlength=n_tasks).to(per_pair.dtype)  # (n_tasks,)
     return (per_task / counts).mean()
 
-
-@torch.no_grad()
-def pair_accuracy(scores: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """Share of pairs the scores order like the labels; an exact tie counts half. pairs: (P, 2) (better, worse)."""
-    diff = scores[pairs[:, 0]] - scores[pairs[:, 1]]
-    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.algos.aggregate import pairs_from_ranking
-from rlhf.algos.ranking_loss import kwise_loss, pair_accuracy
+from rlhf.algos.ranking_loss import kwise_loss
 
 
 def naive(scores: list[torch.Tensor], rankings: list[list[list[int]]], margins=None) -> torch.Tensor:
@@ -76,7 +76,3 @@ def test_ties_contribute_no_pair():
         and math.isclose(float(g.sum()), 0.0, abs_tol=1e-7)
     )
 
-
-def test_pair_accuracy_counts_exact_ties_half():
-    s = torch.tensor([2.0, 1.0, 1.0, 0.0])
-    assert float(pair_accuracy(s, torch.tensor([[0, 1], [1, 2], [3, 0]]))) == (1 + 0.5 + 0) / 3
