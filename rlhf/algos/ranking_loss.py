@@ -38,4 +38,3 @@ def kwise_loss(
     per_task = torch.zeros(n_tasks, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, pair_task, per_pair)
     counts = torch.bincount(pair_task, minlength=n_tasks).to(per_pair.dtype)  # (n_tasks,)
     return (per_task / counts).mean()
-

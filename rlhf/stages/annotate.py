@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from tqdm.auto import tqdm
@@ -47,8 +49,23 @@ def load_user_function(spec: str):
     return func
 
 
-def make_rankers(cfg: AnnotateConfig):
-    """(names, rank(prompt_messages, samples, prompt_key) -> [RankResult per name], kind, meta, gold_fn or None)."""
+@dataclass
+class Rankers:
+    """Who ranks, and how: `rank(messages, samples, task_key)` gives one RankResult per name."""
+
+    names: list[str]
+    kind: str  # simulated, judge, function
+    rank: Callable[[list, list[SampleRow], str], list[RankResult]]
+    meta: dict | None = None  # stored with the annotator (the panel's config)
+    gold: Callable[[list, list[SampleRow]], list[float]] | None = None  # the simulated panel's gold utilities
+    gold_source: str | None = None  # what defines that gold
+
+
+def _texts(samples: list[SampleRow]) -> tuple[list[str], list[bool]]:
+    return [s.text for s in samples], [s.finish_reason == "eos" for s in samples]
+
+
+def make_rankers(cfg: AnnotateConfig) -> Rankers:
     if cfg.annotator == "simulated":
         from rlhf.annotators.simulated import PanelConfig, SimulatedPanel
 
@@ -60,43 +77,47 @@ def make_rankers(cfg: AnnotateConfig):
             seed=cfg.seed,
         )
         panel = SimulatedPanel(panel_cfg)
-        names = [f"{name}@seed{cfg.seed}" for name in panel.names]
-        meta = {"panel": vars(panel_cfg)}
 
         def rank(messages, samples, key):
-            args = (messages[-1]["content"], [s.text for s in samples], [s.finish_reason == "eos" for s in samples])
-            return [RankResult(tiers) for _, tiers in panel.rank(*args, prompt_key=key)]
+            ranked = panel.rank(messages[-1]["content"], *_texts(samples), prompt_key=key)
+            return [RankResult(tiers) for _, tiers in ranked]
 
         def gold(messages, samples):
-            return panel.gold(
-                messages[-1]["content"], [s.text for s in samples], [s.finish_reason == "eos" for s in samples]
-            )
+            return panel.gold(messages[-1]["content"], *_texts(samples))
 
-        return names, rank, "simulated", meta, gold, repr(meta["panel"])
+        return Rankers(
+            [f"{name}@seed{cfg.seed}" for name in panel.names],
+            "simulated",
+            rank,
+            {"panel": vars(panel_cfg)},
+            gold,
+            repr(vars(panel_cfg)),
+        )
     if cfg.annotator == "judge":
         from rlhf.annotators.judge import Judge, JudgeConfig
 
         judge = Judge(JudgeConfig(base_url=cfg.judge_base_url or "", model=cfg.judge_model or "").resolved())
-        return [judge.name], lambda m, s, k: [judge.rank(m, [x.text for x in s])], "judge", None, None, None
+        return Rankers([judge.name], "judge", lambda m, s, k: [judge.rank(m, _texts(s)[0])])
     func = load_user_function(cfg.annotator)
 
     def rank_user(messages, samples, key):
-        return [from_user_value(func(messages[-1]["content"], [s.text for s in samples]), len(samples))]
+        return [from_user_value(func(messages[-1]["content"], _texts(samples)[0]), len(samples))]
 
-    return [cfg.annotator.removeprefix("python:")], rank_user, "function", None, None, None
+    return Rankers([cfg.annotator.removeprefix("python:")], "function", rank_user)
 
 
 def run(cfg: AnnotateConfig) -> dict:
     cfg.validate()
     library = Library(cfg.library)
-    names, rank, kind, meta, gold_fn, panel_id = make_rankers(cfg)
+    rankers = make_rankers(cfg)
+    names = rankers.names
     done = {(p, t) for a, p, t in library.ranked_tasks() if a == names[0]}
     todo = [t for t in tasks(library, cfg.round) if (t[0], t[1]) not in done][: cfg.limit]
     messages = library.prompt_messages()
-    print(f"annotate: {len(todo)} tasks to rank by {kind} ({', '.join(names)})")
+    print(f"annotate: {len(todo)} tasks to rank by {rankers.kind} ({', '.join(names)})")
     labels = 0
     for prompt_id, task_key, samples in tqdm(todo, desc="annotate", unit="task", disable=not cfg.progress):
-        results = rank(messages[prompt_id], samples, f"{prompt_id}|{task_key}")
+        results = rankers.rank(messages[prompt_id], samples, f"{prompt_id}|{task_key}")
         with library.write() as s:
             if s.scalar(
                 select(RankingRow.id).where(
@@ -107,7 +128,7 @@ def run(cfg: AnnotateConfig) -> dict:
             ):
                 continue  # another process ranked this task meanwhile; the write lock makes this check exact
             for name, result in zip(names, results, strict=True):
-                library.ensure_annotator(s, name, kind, meta)
+                library.ensure_annotator(s, name, rankers.kind, rankers.meta)
                 s.add(
                     RankingRow(
                         prompt_id=prompt_id,
@@ -120,9 +141,9 @@ def run(cfg: AnnotateConfig) -> dict:
                     )
                 )
                 labels += 1
-            if gold_fn is not None:
-                for sample, utility in zip(samples, gold_fn(messages[prompt_id], samples), strict=True):
+            if rankers.gold is not None:
+                for sample, utility in zip(samples, rankers.gold(messages[prompt_id], samples), strict=True):
                     if s.get(GoldRow, sample.id) is None:
-                        s.add(GoldRow(sample_id=sample.id, utility=float(utility), panel=panel_id))
+                        s.add(GoldRow(sample_id=sample.id, utility=float(utility), panel=rankers.gold_source))
     print(f"annotate: stored {labels} rankings in {cfg.library}")
     return {"tasks": len(todo), "labels": labels}
