@@ -50,8 +50,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (0 disables clipping)"""
     max_seq_len: int = 512
-    """longest prompt + response in tokens; longer responses are cut and counted, examples whose prompt alone fills
-    it are left out and named"""
+    """longest prompt + response in tokens. Longer ones are counted and reported: SFT cuts the response (or leaves
+    out a demonstration whose prompt alone fills it); the reward model keeps the conversation's last tokens"""
     lora: bool = False
     """train LoRA adapters instead of all weights (peft); final/ holds the merged model"""
     lora_r: int = 16
@@ -69,7 +69,7 @@ class TrainConfig:
     eval_every: int = 25
     """optimiser steps between held-out evaluations (also at the start and the end)"""
     save_every: int = 50
-    """optimiser steps between checkpoints (one is always written at the end and when stopping early)"""
+    """optimiser steps between checkpoints (one is also written when stopping early; the end writes final/)"""
     keep_checkpoints: int = 2
     """checkpoints kept; older ones are deleted once a newer one is complete"""
     log_every: int = 1
