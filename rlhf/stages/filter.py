@@ -59,8 +59,15 @@ def task_labels(rankings: list[RankingRow]) -> tuple[list[int], dict[str, list[l
     return ids, labels, {r.annotator: r.all_bad for r in rankings}
 
 
-def _finite(x):
-    return None if isinstance(x, float) and math.isnan(x) else x
+def nan_to_none(obj):
+    """JSON has no NaN: undefined statistics (agreement with a single evaluator) are written as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj
 
 
 def run(cfg: FilterConfig) -> dict:
@@ -149,11 +156,11 @@ def run(cfg: FilterConfig) -> dict:
         "kept": {"tasks": len(kept_rows), "pairs": kept},
         "low_quality_evaluators": low_quality,
         "degenerate_responses": dict(Counter(degenerate.values())),
-        "agreement": json.loads(json.dumps(agreement, default=str), parse_constant=lambda _: None),
+        "agreement": nan_to_none(agreement),
     }
     path = Path(cfg.report) if cfg.report else _beside(cfg.library)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=_finite))
+    path.write_text(json.dumps(report, indent=1, allow_nan=False))
     print_report(report, path)
     return report
 

@@ -137,6 +137,7 @@ def run(cfg: SFTConfig) -> Path:
         # 4a. this process's share of the step's batch, as micro-batches
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(train), cfg.seed)
         mine = indices[accelerator.process_index * opt.per_rank : (accelerator.process_index + 1) * opt.per_rank]
+        mine.sort(key=lambda i: len(train[i].input_ids))  # the step's loss is order-free; similar lengths pad less
         micro_batches = [
             collate_sft([train[i] for i in mine[k : k + cfg.micro_batch_size]], pad_id)
             for k in range(0, opt.per_rank, cfg.micro_batch_size)
