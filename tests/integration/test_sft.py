@@ -105,6 +105,15 @@ def test_resume_equals_uninterrupted(tmp_path, small_demos):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def free_port() -> int:
+    """A port nobody listens on now, so a rerun never meets the last run's rendezvous port in TIME_WAIT."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_equal_one_with_double_batch(tmp_path, small_demos):
     common = [
         *TINY,

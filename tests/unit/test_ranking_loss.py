@@ -75,4 +75,3 @@ def test_ties_contribute_no_pair():
         and g[0] < 0 < min(g[1], g[2])
         and math.isclose(float(g.sum()), 0.0, abs_tol=1e-7)
     )
-
