@@ -21,31 +21,16 @@ from pathlib import Path
 
 import torch
 
-from rlhf.annotators.synthetic import synthetic_set
+from rlhf.annotators.synthetic import write_synthetic_library
 from rlhf.config import AnnotateConfig, FilterConfig, RewardConfig
 from rlhf.models.reward import load_reward_model
 from rlhf.stages import annotate, reward
 from rlhf.stages import filter as filter_stage
-from rlhf.store.library import ComparisonRow, Library, PromptRow, SampleRow
+from rlhf.store.library import ComparisonRow, Library
 
 
 def build_library(path: Path, evaluators: int) -> None:
-    lib = Library(path)
-    with lib.write() as s:
-        for key, prompt, responses, finished in synthetic_set(draws=2, seed=0):
-            s.add(PromptRow(id=key, messages=[{"role": "user", "content": prompt}]))
-            for i, (text, done) in enumerate(zip(responses, finished, strict=True)):
-                s.add(
-                    SampleRow(
-                        key=f"{key}|{i}",
-                        prompt_id=key,
-                        model="synthetic",
-                        round=0,
-                        text=text,
-                        n_tokens=len(text),
-                        finish_reason="eos" if done else "length",
-                    )
-                )
+    write_synthetic_library(path, draws=2, seed=0)
     annotate.run(AnnotateConfig(library=str(path), evaluators=evaluators, progress=False))
     filter_stage.run(
         FilterConfig(

@@ -77,3 +77,26 @@ def synthetic_set(
             picked = rng.choice(len(pool), size=4, replace=False)
             out.append((f"{row['id']}-{d}", row["prompt"], [pool[k][0] for k in picked], [pool[k][1] for k in picked]))
     return out
+
+
+def write_synthetic_library(library: str | Path, draws: int = 2, seed: int = 0) -> None:
+    """Put `synthetic_set(draws, seed)` into a response library as prompts and samples (model `synthetic`), ready to
+    be annotated: the data for checking annotators and reward models on responses of known quality."""
+    from rlhf.store.library import Library, PromptRow, SampleRow
+
+    lib = Library(library)
+    with lib.write() as s:
+        for key, prompt, responses, finished in synthetic_set(draws=draws, seed=seed):
+            s.add(PromptRow(id=key, messages=[{"role": "user", "content": prompt}]))
+            for i, (text, done) in enumerate(zip(responses, finished, strict=True)):
+                s.add(
+                    SampleRow(
+                        key=f"{key}|{i}",
+                        prompt_id=key,
+                        model="synthetic",
+                        round=0,
+                        text=text,
+                        n_tokens=len(text),
+                        finish_reason="eos" if done else "length",
+                    )
+                )

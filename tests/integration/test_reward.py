@@ -7,9 +7,8 @@ import pytest
 import torch
 from conftest import run_cli, write_jsonl
 
-from rlhf.annotators.synthetic import synthetic_set
+from rlhf.annotators.synthetic import write_synthetic_library
 from rlhf.models.reward import load_reward_model, pad_batch, score
-from rlhf.store.library import Library, PromptRow, SampleRow
 
 TINY = ["--model", "tiny", "--max-seq-len", "384", "--no-progress"]
 
@@ -30,22 +29,7 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding():
 def simulated_library(tmp_path_factory):
     """K = 4 responses of known quality per prompt (demonstrations and degraded copies), ranked by the panel."""
     db = tmp_path_factory.mktemp("lib") / "library.db"
-    lib = Library(db)
-    with lib.write() as s:
-        for key, prompt, responses, finished in synthetic_set(draws=2, seed=0):
-            s.add(PromptRow(id=key, messages=[{"role": "user", "content": prompt}]))
-            for i, (text, done) in enumerate(zip(responses, finished, strict=True)):
-                s.add(
-                    SampleRow(
-                        key=f"{key}|{i}",
-                        prompt_id=key,
-                        model="synthetic",
-                        round=0,
-                        text=text,
-                        n_tokens=len(text),
-                        finish_reason="eos" if done else "length",
-                    )
-                )
+    write_synthetic_library(db, draws=2, seed=0)
     run_cli("annotate", "--library", str(db), "--evaluators", "3", "--no-progress")
     run_cli("filter", "--library", str(db), "--no-require-eos", "--max-repetition", "1.0")
     return db
