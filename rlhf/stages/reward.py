@@ -211,7 +211,7 @@ def run(cfg: RewardConfig) -> Path:
     st = begin(cfg, STAGE)
     if st is None:
         return Path(cfg.out) / STAGE / "final"
-    accelerator, main, say = st.accelerator, st.main, st.accelerator.print
+    accelerator, main, say = st.accelerator, st.main, st.accelerator.print  # `say` for helpers that add "rm:"
 
     # 2. ranked tasks → held-out split by prompt → token ids
     if cfg.library:
@@ -236,8 +236,8 @@ def run(cfg: RewardConfig) -> Path:
     start, end, total_steps, per_rank = opt.start, opt.end, opt.total_steps, opt.per_rank
     stage_dir = st.stage_dir
     n_pairs = sum(len(t.pairs) for t in train)
-    say(
-        f"rm: {len(train)} training prompts ({n_pairs} pairs, K={min(len(t.responses) for t in train)}–"
+    st.say(
+        f"{len(train)} training prompts ({n_pairs} pairs, K={min(len(t.responses) for t in train)}–"
         f"{max(len(t.responses) for t in train)}), {len(held)} held-out prompts; {total_steps} steps of "
         f"{cfg.batch_size} prompts"
     )
@@ -254,7 +254,7 @@ def run(cfg: RewardConfig) -> Path:
     if start == 0 and held:
         metrics = heldout()
         logger.log(0, metrics)
-        say(f"rm: before training: held-out accuracy {metrics['heldout_accuracy']:.3f}")
+        st.say(f"before training: held-out accuracy {metrics['heldout_accuracy']:.3f}")
     bar = tqdm(total=total_steps, initial=start, disable=not (main and cfg.progress), desc="rm", unit="step")
     ev = None  # the latest held-out evaluation; the last step always has one
     for step in range(start, end):
@@ -308,7 +308,7 @@ def run(cfg: RewardConfig) -> Path:
     bar.close()
     if end < total_steps:
         logger.close()
-        say(f"rm: stopped at step {end} of {total_steps} (stop_after_steps); continue with --resume")
+        st.say(f"stopped at step {end} of {total_steps} (stop_after_steps); continue with --resume")
         return stage_dir
 
     # 5. centre the scores on the reference responses, then save a plain transformers model
@@ -323,8 +323,8 @@ def run(cfg: RewardConfig) -> Path:
         if held:
             summary["heldout_after_shift"] = heldout(final_model)
             logger.log(total_steps, {f"{k}_after_shift": v for k, v in summary["heldout_after_shift"].items()})
-        say(
-            f"rm: shifted the head ({summary['reference_shift']['method']}) so the {len(refs)} reference responses "
+        st.say(
+            f"shifted the head ({summary['reference_shift']['method']}) so the {len(refs)} reference responses "
             f"score {summary['reference_shift']['reference_mean_after']:.2e} on average "
             f"(was {summary['reference_shift']['reference_mean_before']:.3f})"
         )
@@ -332,9 +332,9 @@ def run(cfg: RewardConfig) -> Path:
     final = save_final(accelerator, final_model, tokenizer, stage_dir, summary)
     if held:
         h = summary.get("heldout_after_shift", summary["heldout"])
-        say(
-            f"rm: held-out accuracy {h['heldout_accuracy']:.3f} on {int(h['heldout_pairs'])} pairs"
+        st.say(
+            f"held-out accuracy {h['heldout_accuracy']:.3f} on {int(h['heldout_pairs'])} pairs"
             + (f", gold accuracy {h['gold_accuracy']:.3f}" if "gold_accuracy" in h else "")
         )
-    say(f"rm: done; reward model saved to {final}")
+    st.say(f"done; reward model saved to {final}")
     return final

@@ -300,17 +300,8 @@ def test_judge_annotator_through_the_cli(tmp_path, server):
     db = tmp_path / "lib.db"
     _library_with_tasks(db, 2)
     server.reply("RATIONALE: 2 is clearest.\nALL_BAD: no\nRANKING: 2 > 1 = 3 > 4")
-    run_cli(
-        "annotate",
-        "--library",
-        str(db),
-        "--annotator",
-        "judge",
-        "--judge-base-url",
-        server.base_url,
-        "--judge-model",
-        "judge-m",
-    )
+    judge = ["--annotator", "judge", "--judge-base-url", server.base_url, "--judge-model", "judge-m"]
+    run_cli("annotate", "--library", str(db), *judge)
     rankings = Library(db).rankings()
     assert [(r.annotator, r.tiers, r.rationale) for r in rankings] == [
         ("judge:judge-m", [[1], [0, 2], [3]], "2 is clearest.")
@@ -319,16 +310,5 @@ def test_judge_annotator_through_the_cli(tmp_path, server):
     server.script.clear()
     server.reply("I like the second one best.")  # no RANKING line: a clear failure, never a default ranking
     _library_with_tasks(tmp_path / "other.db", 1)
-    bad = run_cli(
-        "annotate",
-        "--library",
-        str(tmp_path / "other.db"),
-        "--annotator",
-        "judge",
-        "--judge-base-url",
-        server.base_url,
-        "--judge-model",
-        "judge-m",
-        check=False,
-    )
+    bad = run_cli("annotate", "--library", str(tmp_path / "other.db"), *judge, check=False)
     assert bad.returncode == 2 and "RANKING" in bad.stderr and Library(tmp_path / "other.db").count(RankingRow) == 0
