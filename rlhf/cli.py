@@ -239,6 +239,20 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
+        shut_down_process_group(clean=True)
     except (ConfigError, DataError, ResumeError, RankingError, JudgeError) as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        shut_down_process_group(clean=False)
         sys.exit(2)
+
+
+def shut_down_process_group(clean: bool) -> None:
+    """Leave a multi-process run together: without it one process can exit while gloo threads in another still
+    talk to it, and that process dies with SIGABRT ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
