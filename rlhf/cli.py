@@ -15,7 +15,9 @@ from typing import Literal
 from rlhf.config import (
     AnnotateConfig,
     ConfigError,
+    EvalConfig,
     FilterConfig,
+    PPOConfig,
     RewardConfig,
     SampleConfig,
     SFTConfig,
@@ -71,6 +73,8 @@ STAGES = (
     ("annotate", "annotate", AnnotateConfig, "stage 2b: rank each prompt's responses (panel, judge, function)"),
     ("filter", "filter", FilterConfig, "stage 2c: consensus, agreement, selection, filter_report.json"),
     ("rm", "reward", RewardConfig, "stage 2d: train the reward model on K-way rankings"),
+    ("ppo", "ppo", PPOConfig, "stage 3: PPO against the reward model with a KL penalty to the SFT policy"),
+    ("eval", "evaluate", EvalConfig, "compare two policies on held-out prompts: win rates by RM, gold, judge"),
 )
 
 

@@ -277,6 +277,160 @@ class RewardConfig(TrainConfig):
             raise ConfigError("margin_scale must be >= 0")
 
 
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Stage 3: PPO against the reward model with a per-token KL penalty to the SFT policy (InstructGPT §3.5;
+    Huang et al. 2024, "The N+ implementation details of RLHF with PPO")."""
+
+    policy: str = "embedded"
+    """the policy to train, usually OUT/sft/final (or the previous round's OUT/ppo/final)"""
+    reward: str | None = None
+    """the reward model, usually OUT/rm/final (required)"""
+    reference: str | None = None
+    """frozen reference policy for the KL penalty (default: the policy as it starts; with --lora, the same weights
+    with the adapters switched off, not a second copy)"""
+    value_init: Literal["reward", "policy"] = "reward"
+    """the value model starts from the reward model (InstructGPT) or from the policy with a new head"""
+    prompts: str = "examples/prompts.jsonl"
+    """prompts to roll out on (JSONL: id + prompt or messages)"""
+    gold: bool = False
+    """also log the simulated panel's gold reward of the rollouts (its criteria need no model; evaluation only)"""
+    epochs: float = 1.0
+    """passes over the prompts; PPO steps = ceil(epochs · prompts / batch_size)"""
+    batch_size: int = 16
+    """prompts rolled out per PPO step, over all processes"""
+    mini_batch_size: int = 8
+    """rollouts per PPO update (minibatch), over all processes; batch_size / mini_batch_size updates per epoch"""
+    micro_batch_size: int = 4
+    """rollouts per forward pass on each process (gradient accumulation inside a minibatch)"""
+    ppo_epochs: int = 2
+    """passes of PPO updates over each step's rollouts"""
+    lr: float = 1e-5
+    """peak learning rate of AdamW (policy and value model together, one optimiser as in N+ details)"""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """learning-rate decay over the PPO updates (N+ details anneal linearly)"""
+    warmup_ratio: float = 0.0
+    """share of updates spent warming the learning rate up"""
+    save_every: int = 10
+    """PPO steps between checkpoints"""
+    max_prompt_len: int = 256
+    """prompts longer than this many tokens are left out (counted and named)"""
+    max_new_tokens: int = 64
+    """the longest response; a response that reaches it without EOS gets eos_penalty instead of its score"""
+    temperature: float = 1.0
+    """rollout sampling temperature; log-probabilities use the same temperature (N+ details)"""
+    kl_coef: float = 0.05
+    """β in r_t = score·1[t=T] − β·KL_t; the starting value when adaptive_kl"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimate: k1 = log π − log π_ref (InstructGPT) or k3 = (r − 1) − log r (Schulman, never < 0)"""
+    adaptive_kl: bool = False
+    """adapt β towards kl_target (Ziegler et al. 2019 §2.2)"""
+    kl_target: float = 6.0
+    """adaptive_kl: the KL (nats per response) that β is steered to"""
+    kl_horizon: int = 10000
+    """adaptive_kl: rollouts over which β moves by at most ±20% of its error"""
+    gamma: float = 1.0
+    """discount in GAE"""
+    lam: float = 0.95
+    """λ in GAE"""
+    whiten_advantages: bool = True
+    """normalise advantages to mean 0, variance 1 over each step's response tokens"""
+    cliprange: float = 0.2
+    """PPO ratio clip ε"""
+    cliprange_value: float = 0.2
+    """value clip: the new value may move at most this far from the rollout's value before the loss clips"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the one loss of policy and value model"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight (0: none, as in InstructGPT)"""
+    eos_penalty: float | None = -1.0
+    """score given instead of the reward model's to a response that never emits EOS (None: keep the RM score)"""
+    reward_normalize: bool = False
+    """standardise scores with running mean and std over all rollouts so far (kept in checkpoints)"""
+    reward_clip: float | None = None
+    """clip scores (after normalisation) to ±this"""
+    target_approx_kl: float | None = None
+    """stop a step's PPO epochs early once the mean approximate KL of an epoch exceeds this"""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of a language-model loss on ptx_data mixed into every update (InstructGPT §3.5)"""
+    ptx_data: str | None = None
+    """PPO-ptx: demonstrations or plain-text prompts/responses JSONL for the language-model loss"""
+    max_non_finite: int = 3
+    """stop after this many PPO updates in a row skipped for a non-finite loss, gradient, reward or KL"""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward:
+            raise ConfigError("give the reward model: --reward OUT/rm/final")
+        if self.mini_batch_size < 1 or self.batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        if self.ppo_epochs < 1 or self.max_new_tokens < 1 or self.max_non_finite < 1:
+            raise ConfigError("ppo_epochs, max_new_tokens and max_non_finite must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be positive (PPO samples the policy)")
+        if self.kl_coef < 0 or self.ptx_coef < 0 or self.vf_coef < 0:
+            raise ConfigError("kl_coef, vf_coef and ptx_coef must be >= 0")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs --ptx-data (demonstrations for the language-model loss)")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("gamma and lam must be in [0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    """Compare two policies on held-out prompts: win rate by the reward model, by gold and by an AI judge."""
+
+    a: str = "embedded"
+    """the baseline policy (usually OUT/sft/final)"""
+    b: str = "embedded"
+    """the policy compared with it (usually OUT/ppo/final); win rates say how often B beats A"""
+    a_label: str = "A"
+    """name of A in the summary and report"""
+    b_label: str = "B"
+    """name of B in the summary and report"""
+    prompts: str = "examples/prompts.jsonl"
+    """held-out prompts (never trained on)"""
+    limit: int | None = None
+    """only the first N prompts"""
+    reward: str | None = None
+    """reward model for the RM win rate (optional)"""
+    reference: str | None = None
+    """reference policy for the KL of each model's responses (default: A)"""
+    gold: bool = False
+    """win rate by the simulated panel's gold utility (meaningful when the panel labelled the training data)"""
+    judge_base_url: str | None = None
+    """AI judge: base URL of an OpenAI-compatible API (or env RLHF_JUDGE_BASE_URL); unset: no judge win rate"""
+    judge_model: str | None = None
+    """AI judge: model name (or env RLHF_JUDGE_MODEL)"""
+    out: str = "runs/default/eval"
+    """folder for summary.json and generations.jsonl"""
+    max_new_tokens: int = 64
+    """the longest response (use the PPO run's, so both models have the same room)"""
+    temperature: float = 0.7
+    """sampling temperature of both models (0: greedy)"""
+    top_p: float = 0.9
+    """nucleus sampling threshold"""
+    batch_size: int = 16
+    """prompts per generation batch"""
+    seed: int = 0
+    """seeds sampling (each model sees the same seeds) and the bootstrap intervals"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -61,6 +61,35 @@ def generate_batch(model, tokenizer, conversations: list, sampling: SamplingConf
     return [Generated(t.strip(), int(c), bool(f)) for t, c, f in zip(decoded, n_tokens, finished, strict=True)]
 
 
+@torch.no_grad()
+def sample_responses(
+    model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one response per tokenised prompt, as token ids for training on.
+
+    Returns (prompt_ids (B, P) left-padded with pad_id, prompt_mask (B, P), responses (B, T)); each response
+    is padded with pad_id after its first EOS, and T ≤ max_new_tokens.
+    """
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every response starts right after its prompt
+        prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), 1
+    out = model.generate(
+        input_ids=prompt_ids.to(model.device),
+        attention_mask=prompt_mask.to(model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        use_cache=True,
+    )
+    return prompt_ids, prompt_mask, out[:, width:].cpu()
+
+
 def generate(model, tokenizer, conversations: list, sampling: SamplingConfig, seed: int | None = None) -> list[str]:
     """One response per conversation (a list of {"role", "content"} turns ending with the user's)."""
     if seed is not None:

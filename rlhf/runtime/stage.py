@@ -78,8 +78,11 @@ class Optimisation:
     accumulation: int  # micro-batches per step on each process
 
 
-def optimise(st: Stage, model, n_train: int) -> Optimisation:
-    """AdamW over the trainable parameters, warm-up + decay schedule, Accelerate prepare, and the resume."""
+def optimise(st: Stage, model, n_train: int, updates_per_step: int = 1) -> Optimisation:
+    """AdamW over the trainable parameters, warm-up + decay schedule, Accelerate prepare, and the resume.
+
+    A step is ceil(epochs · n_train / batch_size) of the run; the schedule spans total_steps · updates_per_step
+    optimiser updates (PPO makes several per step)."""
     cfg, accelerator = st.cfg, st.accelerator
     world = accelerator.num_processes
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -87,12 +90,14 @@ def optimise(st: Stage, model, n_train: int) -> Optimisation:
             f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size}) "
             f"× processes ({world})"
         )
-    model.config.use_cache = False
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     total_steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * total_steps), total_steps, cfg.schedule)
+    updates = total_steps * updates_per_step
+    scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * updates), updates, cfg.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: a prepared one steps once per process
     start = 0
@@ -107,11 +112,14 @@ def optimise(st: Stage, model, n_train: int) -> Optimisation:
     )
 
 
-def step_optimizer(st: Stage, opt: Optimisation) -> float:
-    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+def step_optimizer(st: Stage, opt: Optimisation, skip_non_finite: bool = False) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping.
+
+    With skip_non_finite, a non-finite gradient norm leaves the weights (and Adam's moments) untouched."""
     max_norm = st.cfg.max_grad_norm if st.cfg.max_grad_norm > 0 else math.inf
     grad_norm = st.accelerator.clip_grad_norm_(opt.params, max_norm)
-    opt.optimizer.step()
+    if not (skip_non_finite and not math.isfinite(float(grad_norm))):
+        opt.optimizer.step()
     opt.scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)

@@ -1,0 +1,494 @@
+"""Stage 3: PPO from human feedback: the policy is trained against the reward model with a KL penalty to the SFT
+policy (InstructGPT §3.5; Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation details of RLHF with PPO").
+
+Each PPO step: 1. roll out on a batch of prompts (sampling, stopped at EOS); 2. one forward pass of the policy,
+reference, value model and reward model over the rollouts; 3. scores (EOS penalty, normalisation, clipping);
+4. per-token rewards −β·KL_t plus the score at the last response token; 5. GAE advantages, whitened; 6. several
+epochs of clipped policy + value updates on minibatches (+ PPO-ptx); 7. the KL controller, logs, checkpoint.
+Policy and value model are one module with one optimiser and one loss, as in N+ details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.algos.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    entropy_from_logits,
+    eos_penalized_scores,
+    explained_variance,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
+from rlhf.config import PPOConfig, to_dict
+from rlhf.data.chat import encode_prompt, tokenize_demonstration
+from rlhf.data.collate import collate_sft
+from rlhf.data.jsonl import DataError
+from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
+from rlhf.models.generation import sample_responses
+from rlhf.models.load import load_causal_lm
+from rlhf.models.lora import plain_model, wrap_lora
+from rlhf.models.reward import load_reward_model, pad_batch, position_ids, score
+from rlhf.runtime.checkpoint import save_final
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.order import sample_indices
+from rlhf.runtime.stage import begin, optimise, step_optimizer
+from rlhf.stages.reward import response_sequences
+from rlhf.stages.sft import response_nll
+
+STAGE = "ppo"
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy (a causal LM) and the value model (a trunk with a scalar head read at every token) as one module:
+    one forward, one optimiser, one backward of pg_loss + vf_coef · vf_loss (N+ details)."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def value_parts(self):
+        inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
+        return getattr(inner, inner.base_model_prefix), inner.score
+
+    def forward(self, input_ids, attention_mask):
+        pos = position_ids(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
+        trunk, head = self.value_parts()
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        return logits, head(hidden).squeeze(-1).float()  # (B, L, V), (B, L)
+
+
+class PPOState:
+    """What PPO carries from step to step beyond the weights; checkpointed with them (exact resume)."""
+
+    def __init__(self, cfg: PPOConfig):
+        if cfg.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(cfg.kl_coef)
+        self.moments = RunningMoments()
+        self.non_finite_in_a_row = 0
+        self.non_finite_total = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+            "non_finite_in_a_row": self.non_finite_in_a_row,
+            "non_finite_total": self.non_finite_total,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.kl_ctl.load_state_dict(d["kl_ctl"])
+        self.moments.load_state_dict(d["moments"])
+        self.non_finite_in_a_row = d["non_finite_in_a_row"]
+        self.non_finite_total = d["non_finite_total"]
+
+
+@dataclass
+class Rollouts:
+    """One process's rollouts of a step. T = longest response; tensors are on the training device."""
+
+    input_ids: torch.Tensor  # (B, P + T): left-padded prompt, then the response padded after its EOS
+    attention_mask: torch.Tensor  # (B, P + T): 1 on prompt and response tokens (EOS included)
+    response_mask: torch.Tensor  # (B, T) bool: response tokens up to and including the first EOS
+    finished: torch.Tensor  # (B,) bool: the response emitted EOS
+    context: int  # P
+    texts: list[str]
+    prompt_ids: list[str]
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """Sampling is seeded per (seed, step, process): a resumed run draws the rollouts an uninterrupted one did."""
+    digest = hashlib.sha256(f"{seed}|{step}|{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, context: int, temperature: float):
+    """Log-probabilities of the response tokens under logits / temperature; (B, T)."""
+    resp_logits = logits[:, context - 1 : -1] / temperature  # position t predicts token t + 1
+    return logprobs_from_logits(resp_logits, input_ids[:, context:]), resp_logits
+
+
+def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step) -> Rollouts:
+    """Sample one response per prompt; the response mask ends at the first EOS (padding after it is not trained)."""
+    torch.manual_seed(rollout_seed(cfg.seed, step, st.accelerator.process_index))
+    policy.eval()
+    with st.accelerator.autocast():
+        prompt_ids, prompt_mask, responses = sample_responses(
+            policy,
+            [encoded[i] for i in indices],
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            cfg.max_new_tokens,
+            cfg.temperature,
+        )
+    is_eos = responses == tokenizer.eos_token_id  # (B, T)
+    finished = is_eos.any(dim=1)
+    first_eos = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, 10**9, dtype=torch.long))
+    t = torch.arange(responses.shape[1])
+    response_mask = t[None, :] <= first_eos[:, None]  # (B, T)
+    device = st.accelerator.device
+    lengths = response_mask.sum(1).tolist()
+    texts = [tokenizer.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(responses, lengths, strict=True)]
+    return Rollouts(
+        torch.cat([prompt_ids, responses], 1).to(device),
+        torch.cat([prompt_mask, response_mask.long()], 1).to(device),
+        response_mask.to(device),
+        finished.to(device),
+        prompt_ids.shape[1],
+        texts,
+        [prompts[i].id for i in indices],
+    )
+
+
+@torch.no_grad()
+def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts) -> dict[str, torch.Tensor]:
+    """Log-probs under the policy and the reference, values and entropy of every rollout, in micro-batches."""
+    unwrapped = st.accelerator.unwrap_model(model)
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for i in range(0, len(ro.texts), cfg.micro_batch_size):
+        ids, mask = ro.input_ids[i : i + cfg.micro_batch_size], ro.attention_mask[i : i + cfg.micro_batch_size]
+        with st.accelerator.autocast():
+            logits, values = unwrapped(ids, mask)
+            logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
+            if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
+                with unwrapped.policy.disable_adapter():
+                    ref_logits = unwrapped.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            else:
+                ref_logits = ref_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            ref_logprobs, _ = response_logprobs(ref_logits.logits, ids, ro.context, cfg.temperature)
+        out["logprobs"].append(logprobs)
+        out["ref_logprobs"].append(ref_logprobs)
+        out["values"].append(values[:, ro.context - 1 : -1])  # the value of the state each response token follows
+        out["entropy"].append(entropy_from_logits(resp_logits))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro: Rollouts) -> torch.Tensor:
+    """The reward model's score of each response, (B,). The text is re-tokenised with the reward model's tokenizer
+    exactly as it was in reward-model training, so any reward model scores any policy."""
+    demos = [Demonstration(pid, messages[pid], text) for pid, text in zip(ro.prompt_ids, ro.texts, strict=True)]
+    sequences = response_sequences(rm_tokenizer, demos, cfg.max_seq_len)
+    scores = []
+    for i in range(0, len(sequences), cfg.micro_batch_size):
+        ids, mask = pad_batch(sequences[i : i + cfg.micro_batch_size], rm_tokenizer.pad_token_id)
+        with st.accelerator.autocast():
+            scores.append(score(reward_model, ids.to(st.accelerator.device), mask.to(st.accelerator.device)))
+    return torch.cat(scores)
+
+
+def gold_rewards(messages, ro: Rollouts) -> torch.Tensor:
+    from rlhf.annotators.simulated import SimulatedPanel
+
+    panel = SimulatedPanel()
+    finished = ro.finished.tolist()
+    return torch.tensor(
+        [
+            float(panel.gold(messages[pid][-1]["content"], [text], [done])[0])
+            for pid, text, done in zip(ro.prompt_ids, ro.texts, finished, strict=True)
+        ]
+    )
+
+
+def load_models(cfg: PPOConfig, say):
+    """(policy, tokenizer, reference or None for LoRA, value model, reward model, reward tokenizer)."""
+    policy, tokenizer = load_causal_lm(cfg.policy)
+    reward_model, rm_tokenizer = load_reward_model(cfg.reward)
+    reward_model.eval().requires_grad_(False)
+    value_model, value_tokenizer = load_reward_model(cfg.reward if cfg.value_init == "reward" else cfg.policy)
+    probe = "Check: the value model reads the policy's tokens 123 ✓"
+    if value_tokenizer(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+        raise DataError(
+            f"the value model ({cfg.value_init}: {cfg.reward}) does not share the policy's tokenizer, so it cannot "
+            "value the policy's tokens; use --value-init policy"
+        )
+    ref_policy = None
+    if cfg.lora:
+        policy = wrap_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        value_model = wrap_lora(
+            value_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, "SEQ_CLS"
+        )
+    if not cfg.lora or (cfg.reference and cfg.reference != cfg.policy):
+        ref_policy, _ = load_causal_lm(cfg.reference or cfg.policy)
+        ref_policy.eval().requires_grad_(False)
+    say(
+        f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
+        f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"
+    )
+    return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
+
+
+def encode_prompts(cfg: PPOConfig, tokenizer, say):
+    prompts = read_prompts(cfg.prompts)
+    kept, encoded, too_long = [], [], []
+    for p in prompts:
+        ids = encode_prompt(tokenizer, p.messages)
+        if len(ids) > cfg.max_prompt_len:
+            too_long.append(f"{p.id} ({len(ids)} tokens)")
+            continue
+        kept.append(p)
+        encoded.append(ids)
+    if too_long:
+        say(f"left out {len(too_long)} prompts longer than max_prompt_len={cfg.max_prompt_len}: {too_long[:5]}")
+    if not kept:
+        raise DataError(f"{cfg.prompts}: no prompt fits in max_prompt_len={cfg.max_prompt_len}")
+    return kept, encoded
+
+
+def ptx_examples(cfg: PPOConfig, tokenizer):
+    if not cfg.ptx_coef:
+        return []
+    demos = read_demonstrations(cfg.ptx_data)
+    return [tokenize_demonstration(tokenizer, d, cfg.max_seq_len) for d in demos]
+
+
+def advantages_and_returns(cfg, state: PPOState, fwd, scores_used, ro: Rollouts):
+    """Steps 4–5: per-token rewards with the KL penalty, GAE, whitened advantages; all (B, T)."""
+    mask = ro.response_mask
+    kl = kl_penalty(fwd["logprobs"], fwd["ref_logprobs"], cfg.kl_estimator)  # (B, T), undefined where ~mask
+    rewards = shape_rewards(scores_used, kl, mask, state.kl_ctl.value)
+    advantages, returns = gae(rewards, fwd["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return kl, rewards, advantages, returns
+
+
+def run(cfg: PPOConfig) -> Path:
+    # 0. fresh start or resume, decided before any expensive work
+    st = begin(cfg, STAGE)
+    if st is None:
+        return Path(cfg.out) / STAGE / "final"
+    accelerator, world = st.accelerator, st.accelerator.num_processes
+    if cfg.mini_batch_size % (cfg.micro_batch_size * world) or cfg.batch_size % world:
+        raise ValueError(
+            f"mini_batch_size ({cfg.mini_batch_size}) must be a multiple of micro_batch_size "
+            f"({cfg.micro_batch_size}) × processes ({world})"
+        )
+
+    # 1. models and prompts
+    policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer = load_models(cfg, st.say)
+    prompts, encoded = encode_prompts(cfg, tokenizer, st.say)
+    messages = {p.id: list(p.messages) for p in prompts}
+    ptx = ptx_examples(cfg, tokenizer)
+    model = PolicyAndValue(policy, value_model)
+    state = PPOState(cfg)
+    accelerator.register_for_checkpointing(state)
+    minibatches = cfg.batch_size // cfg.mini_batch_size
+    opt = optimise(st, model, len(prompts), updates_per_step=cfg.ppo_epochs * minibatches)
+    model = opt.model
+    model.eval()  # no dropout anywhere: log-probs of rollouts and updates must come from the same function (N+)
+    device = accelerator.device
+    for m in (reward_model, ref_policy):
+        if m is not None:
+            m.to(device)
+    per_rank, mini_rank = cfg.batch_size // world, cfg.mini_batch_size // world
+    st.say(
+        f"{len(prompts)} prompts, {opt.total_steps} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs × "
+        f"{minibatches} minibatches of {cfg.mini_batch_size}; training {sum(p.numel() for p in opt.params) / 1e6:.1f}M "
+        "parameters (policy and value model)"
+    )
+
+    logger = MetricsLogger(cfg.out, STAGE, enabled=st.main)
+    bar = tqdm(total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=STAGE, unit="step")
+    for step in range(opt.start, opt.end):
+        # 1. roll out on this process's share of the step's prompts
+        t0 = time.perf_counter()
+        indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(prompts), cfg.seed)
+        mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        ro = rollout(st, cfg, accelerator.unwrap_model(model).policy, tokenizer, prompts, encoded, mine, step)
+        t1 = time.perf_counter()
+
+        # 2. log-probs, reference log-probs, values, entropy; 3. scores
+        fwd = forward_rollouts(st, cfg, model, ref_policy, ro)
+        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro)
+        scores = rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
+        if cfg.reward_normalize:
+            state.moments.update(accelerator.gather(scores))
+            scores = (scores - state.moments.mean) / state.moments.std
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        t2 = time.perf_counter()
+
+        # 4.–5. per-token rewards with the KL penalty, advantages and returns
+        kl, rewards, advantages, returns = advantages_and_returns(cfg, state, fwd, scores, ro)
+        finite = all(bool(torch.isfinite(x[ro.response_mask]).all()) for x in (kl, rewards, fwd["values"]))
+        finite = bool(accelerator.gather(torch.tensor([float(finite)], device=device)).min() > 0)  # all agree
+
+        # 6. PPO epochs over minibatches
+        stats = []
+        if finite:
+            stats = ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mini_rank)
+        else:
+            note_non_finite(st, cfg, state, f"step {step + 1}: non-finite reward, KL or value; rollouts skipped")
+        t3 = time.perf_counter()
+
+        # 7. KL controller, logs, checkpoint
+        mask = ro.response_mask
+        kl_sum = accelerator.gather((kl * mask).sum(1)).mean()  # nats per response
+        if finite:
+            state.kl_ctl.update(float(kl_sum), cfg.batch_size)
+        metrics = step_metrics(accelerator, ro, fwd, rm_scores, kl_sum, returns, stats, state, messages, cfg)
+        metrics.update(
+            {
+                "score": float(accelerator.gather(scores.float()).mean()),  # after EOS penalty and normalisation
+                "lr": opt.scheduler.get_last_lr()[0],
+                "seconds_generate": t1 - t0,
+                "seconds_score": t2 - t1,
+                "seconds_train": t3 - t2,
+            }
+        )
+        done = step + 1
+        if done % cfg.log_every == 0 or done == opt.end:
+            logger.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(
+            reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}"
+        )
+        st.checkpoint_if_due(done, opt.end, opt.total_steps)
+    bar.close()
+    logger.close()
+    if opt.end < opt.total_steps:
+        st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
+        return st.stage_dir
+
+    # 8. the result: the policy as a plain transformers folder (the value model is a by-product and not kept)
+    summary = {"stage": STAGE, "steps": opt.total_steps, "config": to_dict(cfg), "kl_coef": state.kl_ctl.value}
+    final_policy = plain_model(accelerator.unwrap_model(model).policy)
+    final = save_final(accelerator, final_policy, tokenizer, st.stage_dir, summary)
+    st.say(f"done; policy saved to {final}")
+    return final
+
+
+def note_non_finite(st, cfg: PPOConfig, state: PPOState, what: str) -> None:
+    state.non_finite_in_a_row += 1
+    state.non_finite_total += 1
+    st.say(f"skipped: {what} ({state.non_finite_in_a_row} in a row)")
+    if state.non_finite_in_a_row >= cfg.max_non_finite:
+        raise FloatingPointError(
+            f"ppo: {state.non_finite_in_a_row} updates in a row were skipped for non-finite values ({what}); "
+            "lower --lr, raise --kl-coef, or check the reward model (`rlhf rm score`)"
+        )
+
+
+def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mini_rank) -> list[dict]:
+    """Step 6: ppo_epochs passes over the rollouts in shuffled minibatches; returns one stats dict per update."""
+    accelerator, device = st.accelerator, st.accelerator.device
+    model = opt.model
+    n = len(ro.texts)
+    stats = []
+    gen = torch.Generator().manual_seed(rollout_seed(cfg.seed + 1, step, accelerator.process_index))
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        epoch_stats = []
+        for m in range(0, n, mini_rank):
+            mb = order[m : m + mini_rank]
+            sums = torch.zeros(8, dtype=torch.float64, device=device)
+            micro = [mb[k : k + cfg.micro_batch_size] for k in range(0, len(mb), cfg.micro_batch_size)]
+            for k, idx in enumerate(micro):
+                sync = k == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    logits, values = model(ro.input_ids[idx], ro.attention_mask[idx])
+                    logprobs, resp_logits = response_logprobs(logits, ro.input_ids[idx], ro.context, cfg.temperature)
+                    values = values[:, ro.context - 1 : -1]
+                    mask = ro.response_mask[idx]
+                    pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
+                    vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.entropy_coef:
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(resp_logits), mask)
+                    ptx_loss = torch.zeros((), device=device)
+                    if ptx:
+                        ptx_loss = ptx_batch_loss(model, ptx, cfg, step, epoch, m, k, accelerator)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                    # each micro-batch's loss is a mean over its tokens; average the micro-batches of the minibatch
+                    accelerator.backward(loss / len(micro))
+                sums += torch.tensor(
+                    [
+                        float(loss.detach()),
+                        float(pg_loss.detach()),
+                        float(vf_loss.detach()),
+                        float(pg["clipfrac"]),
+                        float(vf["clipfrac"]),
+                        float(pg["approx_kl"]),
+                        float(ptx_loss.detach()),
+                        1.0,
+                    ],
+                    dtype=torch.float64,
+                    device=device,
+                )
+            sums = accelerator.reduce(sums, "sum")
+            mean = (sums[:7] / sums[7]).tolist()
+            if not all(math.isfinite(v) for v in mean):
+                opt.optimizer.zero_grad(set_to_none=True)
+                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite loss")
+                continue
+            grad_norm = step_optimizer(st, opt, skip_non_finite=True)
+            if not math.isfinite(grad_norm):
+                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite gradient")
+                continue
+            state.non_finite_in_a_row = 0
+            keys = ("loss", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "ptx_loss")
+            epoch_stats.append({**dict(zip(keys, mean, strict=True)), "grad_norm": grad_norm})
+        stats += epoch_stats
+        if cfg.target_approx_kl is not None and epoch_stats:
+            if sum(s["approx_kl"] for s in epoch_stats) / len(epoch_stats) > cfg.target_approx_kl:
+                break  # the policy moved far enough from the rollouts' policy for this step
+    return stats
+
+
+def ptx_batch_loss(model, ptx, cfg, step, epoch, m, k, accelerator) -> torch.Tensor:
+    """PPO-ptx: mean response-token NLL of the policy on a micro-batch of demonstrations (InstructGPT eq. 2)."""
+    updates_before = ((step * cfg.ppo_epochs + epoch) * cfg.batch_size + m) // accelerator.num_processes
+    start = (updates_before + k * cfg.micro_batch_size) * accelerator.num_processes
+    start += accelerator.process_index * cfg.micro_batch_size
+    idx = sample_indices(start, cfg.micro_batch_size, len(ptx), cfg.seed)
+    batch = {k: v.to(accelerator.device) for k, v in collate_sft([ptx[i] for i in idx], 0).items()}
+    nll, count = response_nll(accelerator.unwrap_model(model).policy, batch)
+    return nll / max(count, 1)
+
+
+def step_metrics(accelerator, ro, fwd, rm_scores, kl_sum, returns, stats, state, messages, cfg) -> dict:
+    mask = ro.response_mask
+    lengths = mask.sum(1).float()
+
+    def mean_all(x: torch.Tensor) -> float:
+        return float(accelerator.gather(x.float()).mean())
+
+    out = {
+        "reward": mean_all(rm_scores),  # the reward model's score, before the EOS penalty
+        "kl": float(kl_sum),
+        "kl_coef": state.kl_ctl.value,
+        "entropy": mean_all((fwd["entropy"] * mask).sum(1) / lengths.clamp(min=1)),
+        "response_length": mean_all(lengths),
+        "eos_rate": mean_all(ro.finished),
+        "explained_variance": float(explained_variance(fwd["values"], returns, mask)),
+        "non_finite_skips": state.non_finite_total,
+    }
+    if cfg.gold:
+        out["gold_reward"] = mean_all(gold_rewards(messages, ro).to(accelerator.device))
+    for key in ("loss", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "grad_norm"):
+        if stats:
+            out[key] = sum(s[key] for s in stats) / len(stats)
+    if stats and cfg.ptx_coef:
+        out["ptx_loss"] = sum(s["ptx_loss"] for s in stats) / len(stats)
+    return out
