@@ -68,21 +68,19 @@ def sample_responses(
     """Sample one response per tokenised prompt, as token ids for training on.
 
     Returns (prompt_ids (B, P) left-padded with pad_id, prompt_mask (B, P), responses (B, T)); each response
-    is padded with pad_id after its first EOS, and T ≤ max_new_tokens.
+    is padded with pad_id after its first EOS, and T ≤ max_new_tokens. Temperature 0 decodes greedily.
     """
     width = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding: every response starts right after its prompt
         prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     out = model.generate(
         input_ids=prompt_ids.to(model.device),
         attention_mask=prompt_mask.to(model.device),
         max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
+        **(sampling if temperature > 0 else {"do_sample": False}),
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,
