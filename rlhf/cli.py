@@ -1,4 +1,4 @@
-"""The `rlhf` command: one subcommand per stage, plus `chat` and `generate`.
+"""The `rlhf` command: one subcommand per stage, plus `pipeline`, `report`, `chat` and `generate`.
 
 Stage flags are generated from the stage's config dataclass (names, types, choices and help from the field
 docstrings), so a flag can never drift from the field it sets.
@@ -17,6 +17,7 @@ from rlhf.config import (
     ConfigError,
     EvalConfig,
     FilterConfig,
+    PipelineConfig,
     PPOConfig,
     RewardConfig,
     SampleConfig,
@@ -40,12 +41,13 @@ def _flag_kwargs(hint) -> dict:
     return {"type": hint}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, config_flag: bool = True) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    parser.add_argument(
-        "--config", help="YAML file of field: value, or with the fields under a section named after the stage"
-    )
+    if config_flag:
+        parser.add_argument(
+            "--config", help="YAML file of field: value, or with the fields under a section named after the stage"
+        )
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument(
@@ -185,6 +187,20 @@ def cmd_generate(args) -> None:
             print(f"--- {name}:\n{answers[name][i]}")
 
 
+def cmd_pipeline(args) -> None:
+    from rlhf import pipeline
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig)}
+    pc, sections = pipeline.load_pipeline(args.pipeline_config, overrides)
+    pipeline.run(pc, sections)
+
+
+def cmd_report(args) -> None:
+    from rlhf.report import write_report
+
+    print(f"report: wrote {write_report(args.run_dir)}")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer in tokens (default: 160)")
     p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy (default: %(default)s)")
@@ -210,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "pairwise", "ranked", "hh"])
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any row could not be imported")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "pipeline",
+        help="the whole recipe in one run folder: SFT → sample → annotate → filter → RM → PPO → eval → report",
+        description=PipelineConfig.__doc__,
+    )
+    p.add_argument("pipeline_config", metavar="CONFIG", help="a preset (tiny, demo) or a pipeline YAML file")
+    add_config_flags(p, PipelineConfig, config_flag=False)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html from a run folder")
+    p.add_argument("run_dir", help="the run folder (runs/NAME)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("chat", help="talk to a model (or answer one --prompt and exit)")
     p.add_argument("--model", default="embedded", help="save_pretrained folder, `embedded` or `tiny`")

@@ -80,6 +80,9 @@ class TrainConfig:
     """continue from OUT/STAGE/checkpoints/latest (refused if the checkpoint's config differs)"""
     progress: bool = True
     """show a progress bar"""
+    stage_name: str | None = None
+    """folder under OUT and tag in metrics.jsonl (default: the stage's own name; the pipeline's later rounds use
+    rm-r1, ppo-r1, ...)"""
 
     # Fields that may differ between a checkpoint and the run that resumes it: they do not shape the trajectory.
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
@@ -91,6 +94,7 @@ class TrainConfig:
         "keep_checkpoints",
         "log_every",
         "progress",
+        "stage_name",
     )
 
     def validate(self) -> None:
@@ -430,6 +434,44 @@ class EvalConfig:
             raise ConfigError("max_new_tokens and batch_size must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class PipelineConfig:
+    """`rlhf pipeline`: SFT → sample → annotate → filter → RM → PPO → eval → report in one run folder, in rounds.
+
+    A pipeline YAML sets these fields at its top level and any stage's fields under a section named after the
+    stage (`sft:`, `sample:`, `annotate:`, `filter:`, `rm:`, `ppo:`, `eval:`); the pipeline fills in the paths that
+    connect the stages (models, library, run folder)."""
+
+    out: str = "runs/demo"
+    """the run folder"""
+    model: str = "embedded"
+    """the pretrained model SFT starts from"""
+    prompts: str = "examples/prompts.jsonl"
+    """the prompt library"""
+    demos: str = "examples/demos.jsonl"
+    """human demonstrations for SFT (and the reward model's zero point)"""
+    eval_prompts: int = 40
+    """prompts held out for evaluation (chosen among prompts without a demonstration; never trained on)"""
+    sample_prompts: int | None = None
+    """prompts whose responses are ranked in each round (round r takes the next ones, cycling); None: all"""
+    rounds: int = 1
+    """repetitions of sample → annotate → filter → RM → PPO; round r samples from round r−1's PPO policy"""
+    rm_continue: bool = False
+    """later rounds continue training the previous reward model instead of retraining from the SFT model"""
+    seed: int = 0
+    """seeds the held-out split (each stage has its own seed field)"""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("sft", "sample", "annotate", "filter", "rm", "ppo", "eval")
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds ({self.rounds}) must be at least 1")
+        if self.eval_prompts < 1:
+            raise ConfigError("eval_prompts must be at least 1")
+        if self.sample_prompts is not None and self.sample_prompts < 1:
+            raise ConfigError("sample_prompts must be at least 1")
 
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)

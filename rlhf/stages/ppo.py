@@ -275,9 +275,9 @@ def advantages_and_returns(cfg, state: PPOState, fwd, scores_used, ro: Rollouts)
 
 def run(cfg: PPOConfig) -> Path:
     # 0. fresh start or resume, decided before any expensive work
-    st = begin(cfg, STAGE)
+    st = begin(cfg, cfg.stage_name or STAGE)
     if st is None:
-        return Path(cfg.out) / STAGE / "final"
+        return Path(cfg.out) / (cfg.stage_name or STAGE) / "final"
     accelerator, world = st.accelerator, st.accelerator.num_processes
     if cfg.mini_batch_size % (cfg.micro_batch_size * world) or cfg.batch_size % world:
         raise ValueError(
@@ -308,8 +308,8 @@ def run(cfg: PPOConfig) -> Path:
         "parameters (policy and value model)"
     )
 
-    logger = MetricsLogger(cfg.out, STAGE, enabled=st.main)
-    bar = tqdm(total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=STAGE, unit="step")
+    logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
+    bar = tqdm(total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step")
     for step in range(opt.start, opt.end):
         # 1. roll out on this process's share of the step's prompts
         t0 = time.perf_counter()
@@ -372,7 +372,7 @@ def run(cfg: PPOConfig) -> Path:
         return st.stage_dir
 
     # 8. the result: the policy as a plain transformers folder (the value model is a by-product and not kept)
-    summary = {"stage": STAGE, "steps": opt.total_steps, "config": to_dict(cfg), "kl_coef": state.kl_ctl.value}
+    summary = {"stage": st.name, "steps": opt.total_steps, "config": to_dict(cfg), "kl_coef": state.kl_ctl.value}
     final_policy = plain_model(accelerator.unwrap_model(model).policy)
     final = save_final(accelerator, final_policy, tokenizer, st.stage_dir, summary)
     st.say(f"done; policy saved to {final}")

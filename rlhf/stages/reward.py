@@ -208,9 +208,9 @@ def summarize(totals: torch.Tensor) -> dict:
 
 def run(cfg: RewardConfig) -> Path:
     # 1. fresh start or resume, decided before any expensive work
-    st = begin(cfg, STAGE)
+    st = begin(cfg, cfg.stage_name or STAGE)
     if st is None:
-        return Path(cfg.out) / STAGE / "final"
+        return Path(cfg.out) / (cfg.stage_name or STAGE) / "final"
     accelerator, main, say = st.accelerator, st.main, st.accelerator.print  # `say` for helpers that add "rm:"
 
     # 2. ranked tasks → held-out split by prompt → token ids
@@ -250,7 +250,7 @@ def run(cfg: RewardConfig) -> Path:
         return summarize(accelerator.reduce(totals))
 
     # 4. train
-    logger = MetricsLogger(cfg.out, STAGE, enabled=main)
+    logger = MetricsLogger(cfg.out, st.name, enabled=main)
     if start == 0 and held:
         metrics = heldout()
         logger.log(0, metrics)
@@ -313,7 +313,7 @@ def run(cfg: RewardConfig) -> Path:
 
     # 5. centre the scores on the reference responses, then save a plain transformers model
     final_model = plain_model(accelerator.unwrap_model(model))
-    summary = {"stage": STAGE, "steps": total_steps, "config": to_dict(cfg)}
+    summary = {"stage": st.name, "steps": total_steps, "config": to_dict(cfg)}
     if held:
         summary["heldout"] = ev if ev is not None else heldout(final_model)
     if cfg.reference:

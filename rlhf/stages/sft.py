@@ -96,9 +96,9 @@ def tokenize_all(tokenizer, demos: list[Demonstration], max_seq_len: int, say) -
 
 def run(cfg: SFTConfig) -> Path:
     # 1. fresh start or resume, decided before any expensive work
-    st = begin(cfg, STAGE)
+    st = begin(cfg, cfg.stage_name or STAGE)
     if st is None:
-        return Path(cfg.out) / STAGE / "final"
+        return Path(cfg.out) / (cfg.stage_name or STAGE) / "final"
     accelerator = st.accelerator
 
     # 2. data: demonstrations → held-out split → token ids with the response located
@@ -123,14 +123,14 @@ def run(cfg: SFTConfig) -> Path:
     )
 
     # 4. train
-    logger = MetricsLogger(cfg.out, STAGE, enabled=st.main)
+    logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
     pad_id = tokenizer.pad_token_id
     if opt.start == 0 and held:
         loss = heldout_loss(model, accelerator, held, cfg.micro_batch_size, pad_id)
         logger.log(0, {"heldout_loss": loss})
         st.say(f"held-out loss before training {loss:.4f}")
     bar = tqdm(
-        total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=STAGE, unit="step"
+        total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
     )
     for step in range(opt.start, opt.end):
         t0 = time.perf_counter()
@@ -186,7 +186,7 @@ def run(cfg: SFTConfig) -> Path:
         st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
         return st.stage_dir
     # 5. the result: a plain transformers folder
-    summary = {"stage": STAGE, "steps": opt.total_steps, "config": to_dict(cfg)}
+    summary = {"stage": st.name, "steps": opt.total_steps, "config": to_dict(cfg)}
     final = save_final(accelerator, plain_model(accelerator.unwrap_model(model)), tokenizer, st.stage_dir, summary)
     st.say(f"done; model saved to {final}")
     return final
