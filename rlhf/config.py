@@ -281,7 +281,6 @@ class RewardConfig(TrainConfig):
             raise ConfigError("margin_scale must be >= 0")
 
 
-
 @dataclass
 class PPOConfig(TrainConfig):
     """Stage 3: PPO against the reward model with a per-token KL penalty to the SFT policy (InstructGPT §3.5;
@@ -472,6 +471,7 @@ class PipelineConfig:
             raise ConfigError("eval_prompts must be at least 1")
         if self.sample_prompts is not None and self.sample_prompts < 1:
             raise ConfigError("sample_prompts must be at least 1")
+
 
 def to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)

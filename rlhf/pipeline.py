@@ -81,8 +81,9 @@ def split_prompts(pc: PipelineConfig) -> tuple[Path, Path]:
         return train_path, held_path
     prompts = read_prompts(pc.prompts)
     demo_prompts = {tuple((m["role"], m["content"]) for m in d.messages) for d in read_demonstrations(pc.demos)}
-    candidates = [i for i, p in enumerate(prompts) if tuple((m["role"], m["content"]) for m in p.messages)
-                  not in demo_prompts]
+    candidates = [
+        i for i, p in enumerate(prompts) if tuple((m["role"], m["content"]) for m in p.messages) not in demo_prompts
+    ]
     if len(candidates) <= pc.eval_prompts:
         raise ConfigError(
             f"{pc.prompts}: {len(candidates)} prompts have no demonstration; eval_prompts={pc.eval_prompts} "
@@ -142,36 +143,64 @@ def run(pc: PipelineConfig, sections: dict) -> Path:
         return result
 
     common = {"out": str(out), "resume": True}
-    sft_final = timed(
-        "sft", sft.run, stage_config(sections, "sft", model=pc.model, data=pc.demos, **common)
-    )
+    sft_final = timed("sft", sft.run, stage_config(sections, "sft", model=pc.model, data=pc.demos, **common))
     policy = str(sft_final)
     for r in range(pc.rounds):
         s = suffix(r)
         prompts_r = round_prompts(pc, train_prompts, r)
-        timed(f"sample{s}", sample.run, stage_config(sections, "sample", model=policy, prompts=str(prompts_r),
-                                                     library=library, round=r))
+        timed(
+            f"sample{s}",
+            sample.run,
+            stage_config(sections, "sample", model=policy, prompts=str(prompts_r), library=library, round=r),
+        )
         timed(f"annotate{s}", annotate.run, stage_config(sections, "annotate", library=library, round=r))
         timed(f"filter{s}", filter.run, stage_config(sections, "filter", library=library))
         rm_start = str(sft_final) if r == 0 or not pc.rm_continue else str(out / f"rm{suffix(r - 1)}" / "final")
-        rm_final = timed(f"rm{s}", reward.run, stage_config(
-            sections, "rm", model=rm_start, library=library, reference=pc.demos, stage_name=f"rm{s}", **common
-        ))
-        ppo_final = timed(f"ppo{s}", ppo.run, stage_config(
-            sections, "ppo", policy=policy, reference=str(sft_final), reward=str(rm_final),
-            prompts=str(train_prompts), gold=simulated, stage_name=f"ppo{s}", **common
-        ))
+        rm_final = timed(
+            f"rm{s}",
+            reward.run,
+            stage_config(
+                sections, "rm", model=rm_start, library=library, reference=pc.demos, stage_name=f"rm{s}", **common
+            ),
+        )
+        ppo_final = timed(
+            f"ppo{s}",
+            ppo.run,
+            stage_config(
+                sections,
+                "ppo",
+                policy=policy,
+                reference=str(sft_final),
+                reward=str(rm_final),
+                prompts=str(train_prompts),
+                gold=simulated,
+                stage_name=f"ppo{s}",
+                **common,
+            ),
+        )
         policy = str(ppo_final)
         eval_dir = out / f"eval{s}"
         if not (eval_dir / "summary.json").is_file():
             # both models get the room PPO trained with, unless the eval section says otherwise
             max_new = sections.get("ppo", {}).get("max_new_tokens", PPOConfig.max_new_tokens)
-            timed(f"eval{s}", evaluate.run, stage_config(
-                sections, "eval", a=str(sft_final), b=policy, a_label="SFT", b_label=f"PPO round {r}" if r else "PPO",
-                prompts=str(heldout), reward=str(rm_final), reference=str(sft_final), gold=simulated,
-                out=str(eval_dir), **({"max_new_tokens": max_new} if "max_new_tokens" not in sections.get("eval", {})
-                                      else {})
-            ))
+            timed(
+                f"eval{s}",
+                evaluate.run,
+                stage_config(
+                    sections,
+                    "eval",
+                    a=str(sft_final),
+                    b=policy,
+                    a_label="SFT",
+                    b_label=f"PPO round {r}" if r else "PPO",
+                    prompts=str(heldout),
+                    reward=str(rm_final),
+                    reference=str(sft_final),
+                    gold=simulated,
+                    out=str(eval_dir),
+                    **({"max_new_tokens": max_new} if "max_new_tokens" not in sections.get("eval", {}) else {}),
+                ),
+            )
     report = write_report(out)
     record_timings(out, timings)
     print(f"\npipeline: done in {sum(timings.values()):.0f} s; report: {report}")

@@ -63,7 +63,13 @@ def generate_batch(model, tokenizer, conversations: list, sampling: SamplingConf
 
 @torch.no_grad()
 def sample_responses(
-    model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int, temperature: float, top_p: float = 1.0
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one response per tokenised prompt, as token ids for training on.
 

@@ -109,7 +109,9 @@ def judge_outcomes(cfg: EvalConfig, prompts, gen_a, gen_b) -> list[str]:
 
     judge = Judge(JudgeConfig(base_url=cfg.judge_base_url or "", model=cfg.judge_model or ""))
     verdicts = []
-    for i, (p, a, b) in enumerate(tqdm(list(zip(prompts, gen_a, gen_b)), desc="judge", disable=not cfg.progress)):
+    for i, (p, a, b) in enumerate(
+        tqdm(list(zip(prompts, gen_a, gen_b, strict=True)), desc="judge", disable=not cfg.progress)
+    ):
         shown = [a["text"], b["text"]] if i % 2 == 0 else [b["text"], a["text"]]
         tiers = judge.rank(list(p.messages), shown).tiers
         if len(tiers) == 1:
@@ -129,7 +131,9 @@ def run(cfg: EvalConfig) -> dict:
     gens, own = {}, {}
     for side, name in (("a", cfg.a), ("b", cfg.b)):
         model, tokenizer = load_causal_lm(name)
-        gens[side] = generate_all(model, tokenizer, prompts, cfg, f"eval {cfg.a_label if side == 'a' else cfg.b_label}")
+        gens[side] = generate_all(
+            model, tokenizer, prompts, cfg, f"eval {cfg.a_label if side == 'a' else cfg.b_label}"
+        )
         own[side] = summed_logprobs(model, gens[side], tokenizer.pad_token_id, cfg.batch_size)
         del model
 

@@ -148,7 +148,9 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step) -> Roll
     response_mask = t[None, :] <= first_eos[:, None]  # (B, T)
     device = st.accelerator.device
     lengths = response_mask.sum(1).tolist()
-    texts = [tokenizer.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(responses, lengths, strict=True)]
+    texts = [
+        tokenizer.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(responses, lengths, strict=True)
+    ]
     return Rollouts(
         torch.cat([prompt_ids, responses], 1).to(device),
         torch.cat([prompt_mask, response_mask.long()], 1).to(device),
@@ -309,7 +311,9 @@ def run(cfg: PPOConfig) -> Path:
     )
 
     logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
-    bar = tqdm(total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step")
+    bar = tqdm(
+        total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
+    )
     for step in range(opt.start, opt.end):
         # 1. roll out on this process's share of the step's prompts
         t0 = time.perf_counter()
@@ -321,7 +325,9 @@ def run(cfg: PPOConfig) -> Path:
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
         fwd = forward_rollouts(st, cfg, model, ref_policy, ro)
         rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro)
-        scores = rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
+        scores = (
+            rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
+        )
         if cfg.reward_normalize:
             state.moments.update(accelerator.gather(scores))
             scores = (scores - state.moments.mean) / state.moments.std
@@ -361,9 +367,7 @@ def run(cfg: PPOConfig) -> Path:
         if done % cfg.log_every == 0 or done == opt.end:
             logger.log(done, metrics)
         bar.update(1)
-        bar.set_postfix(
-            reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}"
-        )
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}")
         st.checkpoint_if_due(done, opt.end, opt.total_steps)
     bar.close()
     logger.close()
