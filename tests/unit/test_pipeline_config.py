@@ -28,7 +28,7 @@ def test_presets_load_and_every_section_builds():
         pc, sections = load_pipeline(preset, {"out": "elsewhere"})
         assert isinstance(pc, PipelineConfig) and pc.out == "elsewhere"
         for name in sections:
-            wiring = {"reward": "x"} if name == "ppo" else {}
+            wiring = {"ppo": {"reward": "x"}, "rm": {"library": "x.db"}}.get(name, {})
             stage_config(sections, name, **wiring)  # raises on an unknown or mistyped field
 
 
