@@ -297,6 +297,9 @@ class PPOConfig(TrainConfig):
     """the value model starts from the reward model (InstructGPT) or from the policy with a new head"""
     prompts: str = "examples/prompts.jsonl"
     """prompts to roll out on (JSONL: id + prompt or messages)"""
+    trainable_layers: int | None = None
+    """train only the top N transformer layers of policy and value model (trlx's num_layers_unfrozen): the
+    backward pass stops below them, so updates cost much less on small hardware; None trains every layer"""
     gold: bool = False
     """also log the simulated panel's gold reward of the rollouts (its criteria need no model; evaluation only)"""
     epochs: float = 1.0

@@ -41,6 +41,7 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
+from rlhf.models.freeze import train_top_layers
 from rlhf.models.generation import sample_responses
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
@@ -225,6 +226,11 @@ def load_models(cfg: PPOConfig, say):
             "value the policy's tokens; use --value-init policy"
         )
     ref_policy = None
+    if cfg.trainable_layers is not None:
+        if cfg.lora:
+            raise DataError("choose --lora or --trainable-layers, not both")
+        train_top_layers(policy, cfg.trainable_layers)
+        train_top_layers(value_model, cfg.trainable_layers)
     if cfg.lora:
         policy = wrap_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         value_model = wrap_lora(
