@@ -388,6 +388,8 @@ class PPOConfig(TrainConfig):
             raise ConfigError("ptx_coef > 0 needs --ptx-data (demonstrations for the language-model loss)")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError("gamma and lam must be in [0, 1]")
+        if self.trainable_layers is not None and (self.lora or self.trainable_layers < 1):
+            raise ConfigError("trainable_layers must be at least 1, and cannot be combined with --lora")
 
 
 @dataclass

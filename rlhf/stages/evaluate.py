@@ -89,10 +89,9 @@ def summed_logprobs(model, generations: list[dict], pad_id: int, batch_size: int
 
 
 @torch.no_grad()
-def reward_scores(path: str, prompts, generations: list[dict], batch_size: int) -> list[float]:
+def reward_scores(model, tokenizer, prompts, generations: list[dict], batch_size: int) -> list[float]:
     from rlhf.stages.reward import response_sequences
 
-    model, tokenizer = load_reward_model(path)
     model.eval()
     demos = [Demonstration(p.id, p.messages, g["text"]) for p, g in zip(prompts, generations, strict=True)]
     sequences = response_sequences(tokenizer, demos, 1024)
@@ -128,22 +127,27 @@ def run(cfg: EvalConfig) -> dict:
     reference = cfg.reference or cfg.a
 
     # 1. each model answers every prompt (same seeds); its log-probs of its own answers
-    gens, own = {}, {}
+    gens, own, kept = {}, {}, None
     for side, name in (("a", cfg.a), ("b", cfg.b)):
         model, tokenizer = load_causal_lm(name)
         gens[side] = generate_all(
             model, tokenizer, prompts, cfg, f"eval {cfg.a_label if side == 'a' else cfg.b_label}"
         )
         own[side] = summed_logprobs(model, gens[side], tokenizer.pad_token_id, cfg.batch_size)
+        if name == reference and kept is None:
+            kept = (model, tokenizer)  # the reference: no second load, and its log-ratio on its own answers is 0
         del model
 
     # 2. the reference's log-probs of both models' answers
-    ref_model, ref_tok = load_causal_lm(reference)
-    kl = {
-        side: float(np.mean(np.subtract(own[side], summed_logprobs(ref_model, gens[side], ref_tok.pad_token_id, 8))))
-        for side in ("a", "b")
-    }
-    del ref_model
+    ref_model, ref_tok = kept or load_causal_lm(reference)
+    kl = {}
+    for side, name in (("a", cfg.a), ("b", cfg.b)):
+        if name == reference:
+            kl[side] = 0.0
+        else:
+            ref_logprobs = summed_logprobs(ref_model, gens[side], ref_tok.pad_token_id, cfg.batch_size)
+            kl[side] = float(np.mean(np.subtract(own[side], ref_logprobs)))
+    del ref_model, kept
 
     # 3. judges of quality: reward model, gold, AI judge
     rows = [
@@ -158,9 +162,12 @@ def run(cfg: EvalConfig) -> dict:
     ]
     win_rates = {}
     if cfg.reward:
+        reward_model, rm_tokenizer = load_reward_model(cfg.reward)
         for s in ("a", "b"):
-            for row, v in zip(rows, reward_scores(cfg.reward, prompts, gens[s], cfg.batch_size), strict=True):
+            scores = reward_scores(reward_model, rm_tokenizer, prompts, gens[s], cfg.batch_size)
+            for row, v in zip(rows, scores, strict=True):
                 row[f"{s}_rm"] = v
+        del reward_model
         win_rates["rm"] = win_rate([compare(r["a_rm"], r["b_rm"]) for r in rows], cfg.seed)
     if cfg.gold:
         from rlhf.annotators.simulated import SimulatedPanel

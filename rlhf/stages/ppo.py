@@ -227,8 +227,6 @@ def load_models(cfg: PPOConfig, say):
         )
     ref_policy = None
     if cfg.trainable_layers is not None:
-        if cfg.lora:
-            raise DataError("choose --lora or --trainable-layers, not both")
         train_top_layers(policy, cfg.trainable_layers)
         train_top_layers(value_model, cfg.trainable_layers)
     if cfg.lora:

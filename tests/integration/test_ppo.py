@@ -166,5 +166,5 @@ def test_ppo_config_explains_inconsistent_batch_sizes():
         build(PPOConfig, {"reward": "x", "batch_size": 12, "mini_batch_size": 8})
     with pytest.raises(ConfigError, match="--reward"):
         build(PPOConfig, {})
-    with pytest.raises(ConfigError, match="ptx_data"):
+    with pytest.raises(ConfigError, match="--ptx-data"):
         build(PPOConfig, {"reward": "x", "ptx_coef": 0.1})
