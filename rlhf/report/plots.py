@@ -56,6 +56,9 @@ def panel_figure(rounds: Rounds, panels: Panels, x: str = "step", xlabel: str | 
                 if not xs:
                     continue
                 label = key if len(rounds) == 1 else f"{stage} {key}" if len(keys) > 1 else stage
+                if x != "step":  # per-step noise makes a line through (KL, reward) points zigzag: show the cloud
+                    ax.scatter(xs, ys, color=f"C{r}", s=12, label=label, marker="os^D"[k % 4])
+                    continue
                 marker = "o" if len(xs) <= 40 else None
                 ax.plot(xs, ys, color=f"C{r}", linestyle=LINESTYLES[k % 4], marker=marker, markersize=3, label=label)
         ax.set_title(title, fontsize=10)

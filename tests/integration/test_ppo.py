@@ -16,22 +16,28 @@ from rlhf.stages.ppo import PolicyAndValue, response_logprobs
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The `tiny` pipeline end to end: SFT → sample → annotate → filter → RM → PPO → eval → report."""
+    """The `tiny` pipeline end to end, two rounds: SFT → (sample → annotate → filter → RM → PPO → eval) × 2 →
+    report."""
     out = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_cli("pipeline", "tiny", "--out", str(out))
+    proc = run_cli("pipeline", "tiny", "--out", str(out), "--rounds", "2")
     return out, proc
+
+
+def stage_metrics(run_dir, stage: str, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["stage"] == stage and key in r]
 
 
 def test_tiny_pipeline_trains_ppo_against_the_reward_model(tiny_run):
     out, proc = tiny_run
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "final" / "rlhf_stage.json").is_file()
-    reward = read_metrics(out, "reward")
+    reward = stage_metrics(out, "ppo", "reward")
     third = len(reward) // 3
     assert len(reward) >= 9
     # the reward model's score of the rollouts rises while PPO optimises it
     assert sum(reward[-third:]) / third > sum(reward[:third]) / third
-    kl = read_metrics(out, "kl")
+    kl = stage_metrics(out, "ppo", "kl")
     assert kl[0] == pytest.approx(0.0, abs=1e-4)  # the first rollouts come from the reference policy itself
     assert max(kl) > 0
     for key in ("gold_reward", "entropy", "eos_rate", "policy_clipfrac", "value_loss", "explained_variance"):
@@ -47,6 +53,57 @@ def test_tiny_pipeline_trains_ppo_against_the_reward_model(tiny_run):
     html = (out / "report.html").read_text()
     assert f"{rm['rate']:.1%}" in html and f"{summary['win_rates']['gold']['rate']:.1%}" in html
     assert "pipeline: done" in proc.stdout
+
+
+def test_a_second_round_samples_from_the_ppo_policy_and_retrains_on_everything(tiny_run):
+    from rlhf.store.library import Library
+
+    out, _ = tiny_run
+    lib = Library(out / "library.db")
+    models = {s.round: s.model for s in lib.samples()}
+    assert models == {0: str(out / "sft" / "final"), 1: str(out / "ppo" / "final")}
+    assert {r.task_key for r in lib.rankings()} == {"r0", "r1"}
+    rm0 = json.loads((out / "rm" / "final" / "rlhf_stage.json").read_text())
+    rm1 = json.loads((out / "rm-r1" / "final" / "rlhf_stage.json").read_text())
+    assert rm1["heldout"]["heldout_pairs"] > rm0["heldout"]["heldout_pairs"]  # round 1 adds ranked prompts
+    config = (out / "config.yaml").read_text()
+    assert "ppo-r1:" in config and f"policy: {out / 'ppo' / 'final'}" in config
+    assert f"reference: {out / 'sft' / 'final'}" in config  # the KL stays measured against the SFT policy
+    assert stage_metrics(out, "ppo-r1", "reward")
+    assert json.loads((out / "eval-r1" / "summary.json").read_text())["b"] == str(out / "ppo-r1" / "final")
+    assert "ppo-r1" in (out / "report.html").read_text()
+
+
+def test_eval_asks_the_judge_with_alternating_order(tiny_run, tmp_path, server):
+    out = tiny_run[0]
+    server.reply("The first is better.\nRANKING: 1 > 2")  # a judge that always prefers what it sees first
+    run_cli(
+        "eval",
+        "--a",
+        str(out / "sft" / "final"),
+        "--b",
+        str(out / "ppo" / "final"),
+        "--prompts",
+        str(out / "prompts.heldout.jsonl"),
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "8",
+        "--judge-base-url",
+        server.base_url,
+        "--judge-model",
+        "judge",
+        "--out",
+        str(tmp_path / "eval"),
+        "--no-progress",
+    )
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    judge = summary["win_rates"]["judge"]
+    # shown A first on even prompts and B first on odd ones, a position-biased judge splits evenly
+    assert (judge["wins"], judge["losses"], judge["rate"]) == (3, 3, 0.5)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert [r["judge"] for r in rows] == ["a", "b"] * 3
+    assert len(server.requests) == 6
 
 
 def test_pipeline_rerun_skips_every_completed_stage(tiny_run):
