@@ -21,6 +21,7 @@ from rlhf.config import (
     PPOConfig,
     RewardConfig,
     SampleConfig,
+    ServeConfig,
     SFTConfig,
     build,
     field_docs,
@@ -187,6 +188,43 @@ def cmd_generate(args) -> None:
             print(f"--- {name}:\n{answers[name][i]}")
 
 
+def cmd_serve(args) -> None:
+    from rlhf.webapp.server import serve
+
+    serve(config_from_args(ServeConfig, args, "serve"))
+
+
+def cmd_annotators(args) -> None:
+    from rlhf.webapp.server import annotators
+
+    annotators(args)
+
+
+def cmd_eval_human(args) -> None:
+    from rlhf.store.library import Library
+    from rlhf.webapp.side_by_side import write_human_win_rate
+
+    w = write_human_win_rate(args.eval, Library(args.library), args.name, args.seed)
+    print(
+        f"eval human: B beats A by people: {w['rate']:.1%} [{w['low']:.1%}, {w['high']:.1%}] over {w['n']} prompts "
+        f"({w['votes']} votes); written to {args.eval}/summary.json"
+    )
+
+
+def eval_human_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf eval human", description="Add people's side-by-side win rate to an eval folder's summary.json."
+    )
+    p.add_argument(
+        "--eval", required=True, help="the eval folder whose generations people judged (rlhf serve --compare)"
+    )
+    p.add_argument("--library", required=True, help="the response library holding their votes")
+    p.add_argument("--name", help="the side-by-side set (default: PARENT/FOLDER of --eval, as rlhf serve named it)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap interval (default: 0)")
+    p.set_defaults(func=cmd_eval_human, command="eval human")
+    return p
+
+
 def cmd_pipeline(args) -> None:
     from rlhf import pipeline
 
@@ -236,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, PipelineConfig, config_flag=False)
     p.set_defaults(func=cmd_pipeline)
 
+    p = sub.add_parser("serve", help="the annotation web app: people rank responses and judge two models")
+    add_config_flags(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("annotators", help="add people who may sign in to `rlhf serve` (prints their sign-in link)")
+    p.add_argument("action", choices=["add", "token", "list"], help="add NAME, a new token for NAME, or list")
+    p.add_argument("name", nargs="?", help="the evaluator's name")
+    p.add_argument("--library", required=True, help="the response library the app serves")
+    p.add_argument("--admin", action="store_true", help="may see the dashboard and export labels")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="where people reach the app, for the link")
+    p.set_defaults(func=cmd_annotators)
+
     p = sub.add_parser("report", help="write RUN_DIR/report.html from a run folder")
     p.add_argument("run_dir", help="the run folder (runs/NAME)")
     p.set_defaults(func=cmd_report)
@@ -260,7 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # `rlhf rm score ...` scores with a trained reward model; plain `rlhf rm ...` trains one.
-    args = rm_score_parser().parse_args(argv[2:]) if argv[:2] == ["rm", "score"] else build_parser().parse_args(argv)
+    if argv[:2] == ["rm", "score"]:
+        args = rm_score_parser().parse_args(argv[2:])
+    elif argv[:2] == ["eval", "human"]:
+        args = eval_human_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+    if args.command in ("serve", "annotators", "eval human"):
+        return run_without_torch(args)
     from transformers.utils import logging as hf_logging
 
     from rlhf.annotators.judge import JudgeError
@@ -276,6 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, ResumeError, RankingError, JudgeError, FloatingPointError) as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         shut_down_process_group(clean=False)
+        sys.exit(2)
+
+
+def run_without_torch(args) -> None:
+    """The web app and its helpers never touch a model: starting them should not import torch (seconds)."""
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

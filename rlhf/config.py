@@ -441,6 +441,57 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`rlhf serve`: the annotation web app. People rank each prompt's responses and judge two models side by side;
+    their labels are ordinary rows of the library. Evaluators are added with `rlhf annotators add NAME`."""
+
+    library: str = "runs/default/library.db"
+    """the response library: its samples become ranking tasks and people's labels are stored in it"""
+    host: str = "127.0.0.1"
+    """address to listen on; 0.0.0.0 for every interface (then put HTTPS in front and set secure_cookie)"""
+    port: int = 8000
+    """TCP port to listen on"""
+    guidelines: str | None = None
+    """markdown file of labelling instructions shown to evaluators (raw HTML in it is shown as text)"""
+    overlap: int = 3
+    """evaluators per task: each prompt's responses (and each side-by-side pair) go to this many different people"""
+    compare: str | None = None
+    """an `rlhf eval` folder: its generations.jsonl become blind side-by-side tasks (model A vs B)"""
+    compare_name: str | None = None
+    """name of that side-by-side set (default: PARENT/FOLDER of the eval folder, e.g. demo/eval)"""
+    assignment_minutes: float = 60.0
+    """a task left unsubmitted this long may also go to someone else (never beyond `overlap` labels)"""
+    session_hours: float = 12.0
+    """how long a sign-in lasts"""
+    max_body_bytes: int = 65536
+    """a request with a larger body is refused with 413 before it is read"""
+    rate_limit: float = 120.0
+    """requests per minute one evaluator may make, sustained (a token bucket); beyond it the answer is 429"""
+    rate_burst: int = 60
+    """requests one evaluator may make in a burst before rate_limit applies"""
+    secure_cookie: bool = False
+    """mark the session cookie Secure (sent over HTTPS only): set it whenever the app is reached over HTTPS"""
+
+    def validate(self) -> None:
+        if self.overlap < 1:
+            raise ConfigError(f"overlap ({self.overlap}) must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port ({self.port}) must be in 1..65535")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes ({self.max_body_bytes}) must be at least 1024")
+        if self.rate_limit <= 0 or self.rate_burst < 1:
+            raise ConfigError("rate_limit must be positive and rate_burst at least 1")
+        if self.assignment_minutes <= 0 or self.session_hours <= 0:
+            raise ConfigError("assignment_minutes and session_hours must be positive")
+        if self.guidelines and not Path(self.guidelines).is_file():
+            raise ConfigError(f"guidelines: {self.guidelines}: no such file")
+        if self.compare and not (Path(self.compare) / "generations.jsonl").is_file():
+            raise ConfigError(
+                f"compare: {self.compare}/generations.jsonl not found (run `rlhf eval --out` there first)"
+            )
+
+
+@dataclass
 class PipelineConfig:
     """`rlhf pipeline`: SFT → sample → annotate → filter → RM → PPO → eval → report in one run folder, in rounds.
 

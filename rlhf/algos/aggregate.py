@@ -267,3 +267,24 @@ def agreement_report(labels_by_prompt: list[dict[str, Tiers]]) -> dict:
         "n_prompts": len(labels_by_prompt),
         "n_labels": sum(len(labels) for labels in labels_by_prompt),
     }
+
+
+def win_rate(outcomes: list[float], seed: int, resamples: int = 2000) -> dict:
+    """How often B beats A, with a 95% percentile-bootstrap interval over prompts.
+
+    outcomes: one per prompt: 1 when B wins, 0.5 for a tie, 0 when A wins, or the mean of several evaluators'
+    votes on that prompt (people judging side by side). Resampling prompts, not votes, keeps the interval honest
+    when several votes share a prompt. wins / ties / losses count prompts above, at and below 0.5.
+    """
+    x = np.asarray(outcomes, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(1) if len(x) else np.array([np.nan])
+    return {
+        "wins": int((x > 0.5).sum()),
+        "ties": int((x == 0.5).sum()),
+        "losses": int((x < 0.5).sum()),
+        "n": len(x),
+        "rate": float(x.mean()) if len(x) else float("nan"),
+        "low": float(np.quantile(means, 0.025)),
+        "high": float(np.quantile(means, 0.975)),
+    }

@@ -13,7 +13,6 @@ one transaction.
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,12 +25,9 @@ from rlhf.store.library import GoldRow, Library, RankingRow, SampleRow
 
 
 def tasks(library: Library, round: int | None) -> list[tuple[str, str, list[SampleRow]]]:
-    """(prompt_id, task_key, samples sorted by id) for every prompt and round with at least 2 samples."""
-    groups: dict[tuple[str, int], list[SampleRow]] = defaultdict(list)
-    for sample in library.samples(round):
-        if sample.finish_reason != "imported":  # imported comparisons arrive already ranked
-            groups[(sample.prompt_id, sample.round)].append(sample)
-    return [(pid, f"r{r}", samples) for (pid, r), samples in sorted(groups.items()) if len(samples) >= 2]
+    """(prompt_id, task_key, samples sorted by id) for every prompt and round with at least 2 samples: the same
+    tasks the web app gives people (Library.ranking_tasks)."""
+    return library.ranking_tasks(round)
 
 
 def load_user_function(spec: str):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.algos.aggregate import win_rate
 from rlhf.config import EvalConfig, to_dict
 from rlhf.data.chat import encode_prompt
 from rlhf.data.records import Demonstration, read_prompts
@@ -24,22 +25,6 @@ from rlhf.models.load import load_causal_lm
 from rlhf.models.reward import load_reward_model, pad_batch, position_ids, score
 from rlhf.runtime.files import atomic_write_text
 from rlhf.stages.sample import batch_seed
-
-
-def win_rate(outcomes: list[float], seed: int, resamples: int = 2000) -> dict:
-    """outcomes: 1 when B wins a prompt, 0.5 for a tie, 0 when A wins. Rate with a 95% bootstrap interval."""
-    x = np.asarray(outcomes, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(1) if len(x) else np.array([np.nan])
-    return {
-        "wins": int((x == 1).sum()),
-        "ties": int((x == 0.5).sum()),
-        "losses": int((x == 0).sum()),
-        "n": len(x),
-        "rate": float(x.mean()) if len(x) else float("nan"),
-        "low": float(np.quantile(means, 0.025)),
-        "high": float(np.quantile(means, 0.975)),
-    }
 
 
 def compare(a: float, b: float) -> float:

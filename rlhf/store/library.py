@@ -10,6 +10,14 @@ Tables
 - gold:         the simulated panel's mean utility of a sample: for evaluation only, never for training
 - comparisons:  what `rlhf filter` selected for reward-model training: per task, (better, worse, strength) pairs
 
+The web app (`rlhf serve`) adds
+- web_tasks:    a unit of work for people: a prompt's samples of one round to rank, or one side-by-side pair
+- assignments:  which evaluator got which task, in which shown order; unique per (evaluator, task)
+- side_by_side: one prompt answered by two models (from an `rlhf eval` folder), for blind A/B judgement
+- side_by_side_votes: one evaluator's verdict on a pair ("a", "b" or "tie"); unique per (evaluator, pair)
+- web_sessions: signed-in browsers (the sha256 of the session cookie, never the cookie itself) and their CSRF token
+A person's ranking is an ordinary row of `rankings`, so `rlhf filter` aggregates it with every other label.
+
 Every write is one transaction; on SQLite it begins IMMEDIATE (takes the write lock up front) and waits for a
 busy database instead of failing, in WAL mode, so concurrent writers (annotators, the web app) lose nothing.
 """
@@ -108,6 +116,63 @@ class ComparisonRow(Base):
     n_evaluators: Mapped[int] = mapped_column(Integer)
 
 
+class SideBySideRow(Base):
+    __tablename__ = "side_by_side"
+    __table_args__ = (UniqueConstraint("set_name", "prompt_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    set_name: Mapped[str] = mapped_column(String(255), index=True)  # which evaluation: "demo/eval"
+    prompt_id: Mapped[str] = mapped_column(String(255))
+    prompt: Mapped[str] = mapped_column(Text)
+    a_label: Mapped[str] = mapped_column(String(1024))  # the models' names: stored, never shown to evaluators
+    b_label: Mapped[str] = mapped_column(String(1024))
+    a_text: Mapped[str] = mapped_column(Text)
+    b_text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VoteRow(Base):
+    __tablename__ = "side_by_side_votes"
+    __table_args__ = (UniqueConstraint("annotator", "pair_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("side_by_side.id"), index=True)
+    annotator: Mapped[str] = mapped_column(ForeignKey("annotators.name"), index=True)
+    verdict: Mapped[str] = mapped_column(String(8))  # "a", "b" or "tie": the models, not the sides shown
+    rationale: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebTaskRow(Base):
+    __tablename__ = "web_tasks"
+    __table_args__ = (UniqueConstraint("kind", "prompt_id", "task_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "rank" or "compare"
+    prompt_id: Mapped[str] = mapped_column(String(255))
+    task_key: Mapped[str] = mapped_column(String(1024))  # rank: the rankings' task_key ("r0"); compare: set_name
+    sample_ids: Mapped[list | None] = mapped_column(JSON)  # rank: sorted; a ranking's tiers index into this list
+    pair_id: Mapped[int | None] = mapped_column(ForeignKey("side_by_side.id"))  # compare: the pair
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AssignmentRow(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("annotator", "task_id"),)  # nobody gets the same task twice
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    annotator: Mapped[str] = mapped_column(ForeignKey("annotators.name"), index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("web_tasks.id"), index=True)
+    shown: Mapped[list] = mapped_column(JSON)  # the order shown: sample ids (rank), ["b", "a"] (compare)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # None while open
+
+
+class WebSessionRow(Base):
+    __tablename__ = "web_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie's value
+    annotator: Mapped[str] = mapped_column(ForeignKey("annotators.name"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def database_url(library: str | Path) -> str:
     """A path means SQLite at that path; anything with '://' is a SQLAlchemy URL (postgresql://...)."""
     text = str(library)
@@ -171,6 +236,17 @@ class Library:
                 q = q.where(SampleRow.round == round)
             return list(s.scalars(q))
 
+    def ranking_tasks(self, round: int | None = None) -> list[tuple[str, str, list[SampleRow]]]:
+        """(prompt_id, task_key, samples sorted by id) for every prompt and round with at least 2 samples.
+
+        A task is what one ranking covers: a prompt's samples of one round (task_key "r0", "r1", ...). Imported
+        comparisons arrive already ranked and are no task."""
+        groups: dict[tuple[str, int], list[SampleRow]] = {}
+        for sample in self.samples(round):
+            if sample.finish_reason != "imported":
+                groups.setdefault((sample.prompt_id, sample.round), []).append(sample)
+        return [(pid, f"r{r}", samples) for (pid, r), samples in sorted(groups.items()) if len(samples) >= 2]
+
     # -- annotators, rankings, gold ------------------------------------------------------------------------
     def ensure_annotator(self, session: Session, name: str, kind: str, meta: dict | None = None) -> None:
         if session.get(AnnotatorRow, name) is None:
@@ -195,6 +271,72 @@ class Library:
         with self.read() as s:
             q = select(ComparisonRow).where(ComparisonRow.selection == selection).order_by(ComparisonRow.id)
             return list(s.scalars(q))
+
+    # -- the web app: tasks for people, side-by-side pairs and votes ----------------------------------------------
+    def sync_rank_tasks(self) -> int:
+        """Make every ranking task (ranking_tasks) a web task people can be given; returns how many were new."""
+        with self.write() as s:
+            known = set(s.execute(select(WebTaskRow.prompt_id, WebTaskRow.task_key).where(WebTaskRow.kind == "rank")))
+            new = [
+                WebTaskRow(kind="rank", prompt_id=pid, task_key=key, sample_ids=[x.id for x in samples])
+                for pid, key, samples in self.ranking_tasks()
+                if (pid, key) not in known
+            ]
+            s.add_all(new)
+        return len(new)
+
+    def add_side_by_side(self, set_name: str, a_label: str, b_label: str, rows: list[dict]) -> int:
+        """Pairs {prompt_id, prompt, a, b} of one evaluation as side-by-side tasks; returns how many were new.
+
+        Loading the same set again adds nothing; a prompt whose texts differ from what the set already holds is an
+        error (votes on the old texts would otherwise be counted for the new ones)."""
+        with self.write() as s:
+            known = {
+                r.prompt_id: r for r in s.scalars(select(SideBySideRow).where(SideBySideRow.set_name == set_name))
+            }
+            new = 0
+            for row in rows:
+                old = known.get(row["prompt_id"])
+                if old is not None:
+                    if (old.prompt, old.a_text, old.b_text) != (row["prompt"], row["a"], row["b"]):
+                        raise ValueError(
+                            f"side-by-side set {set_name!r} already holds prompt {row['prompt_id']!r} with other "
+                            "texts (the evaluation was run again?); load it under another name (--compare-name)"
+                        )
+                    continue
+                pair = SideBySideRow(
+                    set_name=set_name,
+                    prompt_id=row["prompt_id"],
+                    prompt=row["prompt"],
+                    a_label=a_label,
+                    b_label=b_label,
+                    a_text=row["a"],
+                    b_text=row["b"],
+                )
+                s.add(pair)
+                s.flush()
+                s.add(WebTaskRow(kind="compare", prompt_id=pair.prompt_id, task_key=set_name, pair_id=pair.id))
+                known[pair.prompt_id] = pair
+                new += 1
+        return new
+
+    def side_by_side_outcomes(self, set_name: str) -> dict[str, list[float]]:
+        """{prompt_id: [1 for each vote for B, 0.5 for each tie, 0 for each vote for A]} of one side-by-side set."""
+        with self.read() as s:
+            rows = s.execute(
+                select(SideBySideRow.prompt_id, VoteRow.verdict)
+                .join(VoteRow, VoteRow.pair_id == SideBySideRow.id)
+                .where(SideBySideRow.set_name == set_name)
+                .order_by(VoteRow.id)
+            )
+            out: dict[str, list[float]] = {}
+            for prompt_id, verdict in rows:
+                out.setdefault(prompt_id, []).append({"a": 0.0, "tie": 0.5, "b": 1.0}[verdict])
+            return out
+
+    def side_by_side_sets(self) -> list[str]:
+        with self.read() as s:
+            return sorted(set(s.scalars(select(SideBySideRow.set_name))))
 
     def count(self, table) -> int:
         from sqlalchemy import func
