@@ -12,7 +12,13 @@ from pathlib import Path
 from rlhf.report.plots import Rounds, training_plots
 from rlhf.runtime.files import atomic_write_text
 
-JUDGES = {"gold": "gold (simulated panel)", "judge": "AI judge", "rm": "reward model"}  # headline order
+# headline order: people first (`rlhf eval human`: side-by-side votes in the web app), then the stand-ins for them
+JUDGES = {
+    "human": "people (side by side)",
+    "gold": "gold (simulated panel)",
+    "judge": "AI judge",
+    "rm": "reward model",
+}
 N_SAMPLES = 8
 PPO_COLUMNS = ("reward", "gold_reward", "kl", "kl_coef", "entropy", "response_length", "eos_rate", "approx_kl")
 
