@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean browser
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/rlhf pipeline demo --out $(RUN)
 
-test: setup
+# The web app's browser test drives Debian's chromium through Playwright (no browser download from Playwright).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/ruff check rlhf tests benchmarks
 	$(BIN)/python -m pytest -q
 
