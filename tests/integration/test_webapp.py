@@ -66,6 +66,10 @@ def test_sign_in_link_from_the_cli_and_what_is_stored(shared):
         stored = s.scalars(select(WebSessionRow.token_hash).where(WebSessionRow.annotator == "dora")).all()
     assert stored == [hashlib.sha256(anonymous.cookies["rlhf_session"].encode()).hexdigest()]
 
+    run_cli("annotators", "token", "dora", "--library", str(shared.db))  # a leaked link is replaced...
+    assert anonymous.get("/api/session").status_code == 401  # ...which ends every session it opened
+    assert httpx.post(shared.url + "/signin", data={"token": token}, trust_env=False).status_code == 403
+
 
 def test_nobody_reads_or_overwrites_another_evaluators_label(shared):
     a, b = people(shared, "ann", "ben")
@@ -268,3 +272,38 @@ def test_side_by_side_votes_become_the_human_win_rate_of_eval_and_report(tmp_pat
     assert 0.75 <= human["low"] <= 0.9375 <= human["high"] <= 1.0
     html = write_report(run_dir).read_text()
     assert "people (side by side)" in html and "93.8%" in html
+
+
+def test_an_abandoned_task_goes_to_someone_else_but_never_beyond_overlap(tmp_path):
+    from datetime import timedelta
+
+    from rlhf.webapp import tasks
+
+    db = build_library(tmp_path / "lib.db", 1)
+    lib = Library(db)
+    add_people(db, ["slow", "quick"])
+    lib.sync_rank_tasks()
+    slow = tasks.next_task(lib, "slow", "rank", overlap=1, minutes=60)
+    assert tasks.next_task(lib, "quick", "rank", overlap=1, minutes=60) is None  # the one place is taken
+    with lib.write() as s:  # an hour and a bit later, the task is still open
+        row = s.get(AssignmentRow, slow)
+        row.created_at = row.created_at - timedelta(minutes=61)
+    quick = tasks.next_task(lib, "quick", "rank", overlap=1, minutes=60)
+    assert quick is not None
+    order = [[r["id"]] for r in tasks.view(lib, "quick", quick)["responses"]]
+    tasks.submit_ranking(lib, "quick", quick, order, False, None, overlap=1)
+    with pytest.raises(tasks.TaskError) as refused:
+        tasks.submit_ranking(lib, "slow", slow, order, False, None, overlap=1)
+    assert refused.value.status == 409
+    assert tasks.next_task(lib, "slow", "rank", overlap=1, minutes=60) is None  # the stale task is gone
+    assert len(lib.rankings()) == 1
+
+
+def test_guidelines_are_rendered_without_html_or_script_links(tmp_path):
+    from rlhf.webapp.render import markdown_to_html
+
+    html = str(markdown_to_html("# Rules\n\n**Be kind.** <script>alert(1)</script> [x](javascript:alert(1))\n"))
+    assert "<h1>Rules</h1>" in html and "<strong>Be kind.</strong>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html and 'href="javascript' not in html
+    r = run_cli("serve", "--library", str(tmp_path / "lib.db"), "--guidelines", str(tmp_path / "none.md"), check=False)
+    assert r.returncode == 2 and "no such file" in r.stderr
