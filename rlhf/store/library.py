@@ -40,6 +40,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -284,6 +285,10 @@ class Library:
             ]
             s.add_all(new)
         return len(new)
+
+    def last_sample_id(self) -> int:
+        with self.read() as s:
+            return s.scalar(select(func.max(SampleRow.id))) or 0
 
     def add_side_by_side(self, set_name: str, a_label: str, b_label: str, rows: list[dict]) -> int:
         """Pairs {prompt_id, prompt, a, b} of one evaluation as side-by-side tasks; returns how many were new.

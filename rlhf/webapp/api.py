@@ -46,7 +46,7 @@ def progress(request: Request, who: SignedIn) -> dict:
 def task(kind: tasks.Kind, request: Request, who: SignedIn) -> dict:
     """The evaluator's current task of this kind (the same one until it is submitted), or {"task": null}."""
     web = state(request)
-    assignment = tasks.next_task(web.library, who.name, kind, web.cfg.overlap, web.cfg.assignment_minutes)
+    assignment = web.assign(who.name, kind)
     return {"task": tasks.view(web.library, who.name, assignment) if assignment is not None else None}
 
 

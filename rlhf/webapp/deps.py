@@ -11,6 +11,7 @@ from markupsafe import Markup
 
 from rlhf.config import ServeConfig
 from rlhf.store.library import Library
+from rlhf.webapp import tasks
 from rlhf.webapp.security import COOKIE, Evaluator, RateLimiter, check_csrf, session_evaluator
 
 
@@ -24,6 +25,18 @@ class WebState:
     signin_limiter: RateLimiter  # per client address
     env: jinja2.Environment
     guidelines: Markup | None  # rendered once, safely (render.markdown_to_html)
+    synced_upto: int = 0  # the newest sample id when ranking tasks were last made from the library's samples
+
+    def assign(self, name: str, kind: tasks.Kind) -> int | None:
+        """The evaluator's assignment of this kind (tasks.next_task). When none is left and samples were written
+        since the last look (`rlhf sample` running beside the app), they become tasks first."""
+        cfg = self.cfg
+        assignment = tasks.next_task(self.library, name, kind, cfg.overlap, cfg.assignment_minutes)
+        if assignment is None and kind == "rank" and self.library.last_sample_id() != self.synced_upto:
+            self.synced_upto = self.library.last_sample_id()
+            if self.library.sync_rank_tasks():
+                assignment = tasks.next_task(self.library, name, kind, cfg.overlap, cfg.assignment_minutes)
+        return assignment
 
 
 class SignInNeeded(Exception):

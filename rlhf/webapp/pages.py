@@ -106,7 +106,7 @@ def home(request: Request, who: Reader) -> HTMLResponse:
 def _task_page(request: Request, who: Evaluator, kind: tasks.Kind) -> HTMLResponse:
     web = state(request)
     cfg = web.cfg
-    assignment = tasks.next_task(web.library, who.name, kind, cfg.overlap, cfg.assignment_minutes)
+    assignment = web.assign(who.name, kind)
     progress = tasks.progress(web.library, who.name, cfg.overlap, cfg.assignment_minutes)[kind]
     if assignment is None:
         return page(web, "done.html", title="All done", who=who, kind=kind, progress=progress)

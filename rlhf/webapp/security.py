@@ -165,6 +165,10 @@ class RateLimiter:
     def allow(self, key: str) -> bool:
         with self.lock:
             t = time.monotonic()
+            if len(self.buckets) > 10_000:  # many addresses signing in: forget the buckets that are full again
+                full = [k for k, (n, last) in self.buckets.items() if n + (t - last) * self.rate >= self.burst]
+                for k in full:
+                    del self.buckets[k]
             tokens, last = self.buckets.get(key, (float(self.burst), t))
             tokens = min(float(self.burst), tokens + (t - last) * self.rate)
             allowed = tokens >= 1.0

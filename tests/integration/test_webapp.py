@@ -13,7 +13,7 @@ from sqlalchemy import select
 from webapp_helpers import Person, Server, add_people, build_library
 
 from rlhf.config import FilterConfig
-from rlhf.store.library import AnnotatorRow, AssignmentRow, Library, VoteRow, WebSessionRow
+from rlhf.store.library import AnnotatorRow, AssignmentRow, Library, SampleRow, VoteRow, WebSessionRow
 
 XSS = '<script>alert("owned")</script><img src=x onerror=alert(1)>'
 
@@ -195,6 +195,22 @@ def test_each_task_goes_to_overlap_people_and_nobody_gets_a_prompt_twice(tmp_pat
     for name, prompts in seen.items():
         assert len(prompts) == len(set(prompts)), f"{name} got a prompt twice"
     assert sum(len(v) for v in seen.values()) == 15
+
+
+def test_samples_written_while_the_app_runs_become_tasks(tmp_path):
+    db = build_library(tmp_path / "lib.db", 1)
+    token = add_people(db, ["ola"])["ola"]
+    with Server(db, "--overlap", "1") as server:
+        person = Person(server.url, token)
+        assert person.rank(person.task()).status_code == 200
+        assert person.task() is None
+        with Library(db).write() as s:  # `rlhf sample` writes round 1 beside the running app
+            for i in range(3):
+                s.add(
+                    SampleRow(key=f"r1-{i}", prompt_id="q0", model="m", round=1, text=f"new {i}", finish_reason="eos")
+                )
+        task = person.task()
+        assert task is not None and {r["text"] for r in task["responses"]} == {"new 0", "new 1", "new 2"}
 
 
 def test_a_changed_resubmission_is_refused(shared):
