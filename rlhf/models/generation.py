@@ -70,12 +70,18 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_logprobs: bool = False,
+):
     """Sample one response per tokenised prompt, as token ids for training on.
 
     Returns (prompt_ids (B, P) left-padded with pad_id, prompt_mask (B, P), responses (B, T)); each response
     is padded with pad_id after its first EOS, and T ≤ max_new_tokens. Temperature 0 decodes greedily.
+    With `with_logprobs` (temperature > 0, top_p = 1), also the log-probability of each response token under the
+    distribution it was sampled from, softmax(logits / temperature), (B, T) float32: the sampling pass computed the
+    logits already, so a PPO step needs no second forward pass of the policy for them.
     """
+    if with_logprobs and (temperature <= 0 or top_p < 1):
+        raise ValueError("log-probs of the sampling distribution need temperature > 0 and top_p = 1")
     width = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -90,8 +96,23 @@ def sample_responses(
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=with_logprobs,
     )
-    return prompt_ids, prompt_mask, out[:, width:].cpu()
+    responses = out.sequences[:, width:].cpu()
+    if not with_logprobs:
+        return prompt_ids, prompt_mask, responses
+    # raw logits of every sampling step, before temperature: T × (B, V); one step at a time keeps memory at (B, V)
+    logprobs = torch.stack(
+        [
+            torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, responses[:, t, None].to(step.device))[
+                :, 0
+            ]
+            for t, step in enumerate(out.logits)
+        ],
+        dim=1,
+    ).cpu()  # (B, T), meaningless after a response's EOS
+    return prompt_ids, prompt_mask, responses, logprobs
 
 
 def generate(model, tokenizer, conversations: list, sampling: SamplingConfig, seed: int | None = None) -> list[str]:

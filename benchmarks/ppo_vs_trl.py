@@ -1,0 +1,372 @@
+"""Our PPO step measured side by side with TRL 1.12's (`trl.experimental.ppo`), on the same work.
+
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--rounds 3] [--steps 6] [--out runs/bench-ppo-vs-trl]
+
+The work: the embedded SmolLM2-135M-Instruct as policy, reference, reward and value model (the reward and value
+models are its trunk with one seeded scalar head); the same 8 prompts every step; responses of at most 32 tokens
+(stopped at EOS); 1 PPO epoch of 1 minibatch; TRL's defaults for the rest (lr 3e-6, temperature 0.7, β 0.05).
+Three runners, alternated `--rounds` times, each a fresh process (so its peak resident memory is its own):
+- TRL: float32, full fine-tuning, in its own virtual environment (built here on first use, kept out of the
+  project's dependencies);
+- ours, identical settings: the same float32 full fine-tuning;
+- ours, defaults: what `rlhf ppo` ships (PPOConfig's defaults), on the same work.
+Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
+answer the 8 prompts 8 times each (same seeds) and the reward model scores them: the reward gained.
+It also measures this CPU's sustained matrix-multiply rate (float32 and bfloat16) and reports each of our phases'
+useful FLOP/s (model FLOPs of the real tokens, padding not counted) as a share of the ceiling of the precision used.
+Run it alone on the machine: it is a timing benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PINS = ["trl==1.12.0", "datasets"]
+WORK = {"batch_size": 8, "max_new_tokens": 32, "lr": 3e-6, "temperature": 0.7, "kl_coef": 0.05, "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+def trl_python(venv: Path) -> Path:
+    """TRL's virtual environment, built on first use with the torch, transformers and accelerate we run."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import trl.experimental.ppo"]).returncode == 0:
+        return python
+    import accelerate
+    import transformers
+
+    print(f"building TRL's virtual environment in {venv} (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    pins = [f"transformers=={transformers.__version__}", f"accelerate=={accelerate.__version__}", *TRL_PINS]
+    subprocess.run([*pip, *pins], check=True)
+    return python
+
+
+def prepare(out: Path, steps: int) -> dict:
+    """The embedded model, a reward/value model with a seeded head, the 8 prompts as token ids; the spec file."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.data.chat import encode_prompt
+    from rlhf.data.records import read_prompts
+    from rlhf.models.load import load_tokenizer, resolve
+
+    model = resolve("embedded")
+    tokenizer = load_tokenizer(model)
+    pad = tokenizer.convert_ids_to_tokens(0)  # <|endoftext|>: never in chat text, unlike EOS (<|im_end|>)
+    assert pad != tokenizer.eos_token, "the benchmark needs a pad token distinct from EOS"
+    reward = out / "reward"
+    if not (reward / "config.json").exists():
+        torch.manual_seed(WORK["seed"])
+        rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+        tokenizer.pad_token = pad
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        rm.save_pretrained(reward)
+        tokenizer.save_pretrained(reward)
+    prompts = read_prompts(ROOT / "examples" / "prompts.jsonl")[: WORK["batch_size"]]
+    (out / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": p.id, "messages": list(p.messages)}) + "\n" for p in prompts)
+    )
+    spec = {
+        **WORK,
+        "steps": steps,
+        "model": model,
+        "reward": str(reward),
+        "pad_token": pad,
+        "prompts": str(out / "prompts.jsonl"),
+        "prompt_ids": [encode_prompt(tokenizer, p.messages) for p in prompts],
+    }
+    (out / "spec.json").write_text(json.dumps(spec))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------- runners
+def run_worker(cmd: list[str], log: Path) -> dict:
+    """Run one measurement in a fresh process; its RESULT line, plus its peak resident memory from wait4."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed ({proc.returncode}); see {log}")
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    return result
+
+
+def ours_config(spec: dict, variant: str, out: Path):
+    from rlhf.config import PPOConfig
+
+    work = {
+        "policy": spec["model"],
+        "reward": spec["reward"],
+        "prompts": spec["prompts"],
+        "out": str(out),
+        "epochs": float(spec["steps"]),  # the same 8 prompts every step
+        "batch_size": spec["batch_size"],
+        "max_new_tokens": spec["max_new_tokens"],
+        "seed": spec["seed"],
+        "save_every": 10**6,
+        "progress": False,
+    }
+    if variant == "defaults":
+        return PPOConfig(**work)
+    # TRL's settings: 1 epoch of 1 minibatch, float32, all weights, TRL's defaults for the rest
+    return PPOConfig(
+        **work,
+        mini_batch_size=spec["batch_size"],
+        micro_batch_size=spec["batch_size"],
+        ppo_epochs=1,
+        lr=spec["lr"],
+        temperature=spec["temperature"],
+        kl_coef=spec["kl_coef"],
+        eos_penalty=None,
+        schedule="linear",
+        warmup_ratio=0.0,
+        mixed_precision="no",
+        trainable_layers=None,
+        vf_coef=0.1,
+        lam=0.95,
+    )
+
+
+def ours_worker(spec_path: str, variant: str, out: str) -> None:
+    from rlhf.stages import ppo
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = ours_config(spec, variant, Path(out))
+    final = ppo.run(cfg)
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["stage"] == "ppo"]
+    keys = ("seconds_step", "seconds_generate", "seconds_score", "seconds_train", "tokens_prompt", "tokens_response")
+    result = {k: [r[k] for r in rows] for k in keys}
+    result.update(
+        {
+            "step_seconds": result.pop("seconds_step"),
+            "scores": [r["reward"] for r in rows],
+            "kl": [r["kl"] for r in rows],
+            "final": str(final),
+            "mixed_precision": cfg.mixed_precision,
+            "trainable_layers": cfg.trainable_layers,
+        }
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- measures
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of n×n matrix products in `dtype` on this CPU (all threads torch uses)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def model_flops(config) -> dict:
+    """Forward FLOPs per token of the transformer blocks (per layer) and of the LM head (2 · params each)."""
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * f)
+    return {"layer": per_layer, "layers": layers, "head": 2 * d * config.vocab_size}
+
+
+def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, trainable: int | None) -> dict:
+    """Useful FLOPs of one step of ours, phase by phase, counting real tokens only.
+
+    generate: the policy over prompt + response tokens, the LM head once per response token;
+    score: policy, reference, value and reward model over all tokens, the LM head (policy and reference) on
+      response tokens only;
+    train: forward of policy and value model over all tokens + backward (2× forward) of the trainable layers,
+      LM head forward and backward on response tokens."""
+    tokens = prompt_tokens + response_tokens
+    trunk = fl["layer"] * fl["layers"]
+    trained = fl["layer"] * (trainable or fl["layers"])
+    generate = tokens * trunk + response_tokens * fl["head"]
+    score = 4 * tokens * trunk + 2 * response_tokens * fl["head"]
+    train = 2 * tokens * trunk + 2 * 2 * tokens * trained + 3 * response_tokens * fl["head"]
+    return {"generate": generate, "score": score, "train": train}
+
+
+def reward_gain(spec: dict, finals: dict[str, list[str]], samples: int = 8) -> dict[str, tuple[float, float]]:
+    """Mean reward-model score of each policy's answers to the 8 prompts (samples each, the same seeds for all),
+    minus the initial policy's; (mean gain, its standard error over the runs)."""
+    from rlhf.data.records import Demonstration
+    from rlhf.models.generation import sample_responses
+    from rlhf.models.load import load_causal_lm, load_tokenizer
+    from rlhf.models.reward import load_reward_model, pad_batch, score
+    from rlhf.stages.reward import response_sequences
+
+    tokenizer = load_tokenizer(spec["model"])
+    rm, rm_tokenizer = load_reward_model(spec["reward"])
+    prompts = [json.loads(x) for x in Path(spec["prompts"]).read_text().splitlines()]
+
+    @torch.no_grad()
+    def mean_score(path: str) -> float:
+        policy, _ = load_causal_lm(path)
+        total = []
+        for k in range(samples):
+            torch.manual_seed(1000 + k)
+            _, _, responses = sample_responses(
+                policy, spec["prompt_ids"], 0, tokenizer.eos_token_id, spec["max_new_tokens"], spec["temperature"]
+            )
+            texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+            demos = [Demonstration(p["id"], p["messages"], t) for p, t in zip(prompts, texts, strict=True)]
+            ids, mask = pad_batch(response_sequences(rm_tokenizer, demos, 512), rm_tokenizer.pad_token_id)
+            total += score(rm, ids, mask).tolist()
+        return statistics.fmean(total)
+
+    base = mean_score(spec["model"])
+    gains = {}
+    for name, paths in finals.items():
+        g = [mean_score(p) - base for p in paths]
+        gains[name] = (statistics.fmean(g), statistics.stdev(g) / len(g) ** 0.5 if len(g) > 1 else float("nan"))
+    return gains
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def summarise(results: list[dict], spec: dict) -> dict:
+    per_step = [s for r in results for s in r["step_seconds"][1:]]  # step 1 is a warm-up
+    tokens = [s for r in results for s in (r.get("tokens_response") or [])[1:]]
+    out = {
+        "median": statistics.median(per_step),
+        "min": min(per_step),
+        "max": max(per_step),
+        "rss_gb": max(r["peak_rss_mb"] for r in results) / 1024,
+    }
+    if tokens:
+        out["tok_s"] = statistics.fmean(t / s for t, s in zip(tokens, per_step, strict=True))
+    else:  # TRL logs the EOS count, not lengths: count every response as generated to its limit at most
+        out["tok_s"] = spec["batch_size"] * spec["max_new_tokens"] / out["median"]
+        out["tok_s_is_bound"] = True
+    return out
+
+
+def print_tables(spec, summaries, results, gains, ceilings) -> None:
+    trl = summaries["trl"]
+    print(
+        "\n| runner | s/step median | min | max | generated tok/s | peak RSS GB | time ÷ TRL | memory ÷ TRL "
+        "| reward gain after N steps |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, s in summaries.items():
+        bound = "≤" if s.get("tok_s_is_bound") else ""
+        g, se = gains.get(name, (float("nan"), float("nan")))
+        print(
+            f"| {name} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} | {bound}{s['tok_s']:.0f} | "
+            f"{s['rss_gb']:.2f} | {s['median'] / trl['median']:.2f} | {s['rss_gb'] / trl['rss_gb']:.2f} | "
+            f"{g:+.3f} ± {se:.3f} |"
+        )
+    print(f"\nceiling: float32 {ceilings['no']:.0f} GFLOP/s, bfloat16 {ceilings['bf16']:.0f} GFLOP/s (matmul 2048²)")
+    from transformers import AutoConfig
+
+    fl = model_flops(AutoConfig.from_pretrained(spec["model"]))
+    print("\n| ours | phase | seconds (median) | share of step | useful GFLOP/s | of ceiling |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in [n for n in results if n.startswith("ours")]:
+        rs = results[name]
+        precision, trainable = rs[0]["mixed_precision"], rs[0]["trainable_layers"]
+        for phase in ("generate", "score", "train"):
+            secs, rates = [], []
+            for r in rs:
+                for i in range(1, len(r["step_seconds"])):
+                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], trainable)[phase]
+                    secs.append(r[f"seconds_{phase}"][i])
+                    rates.append(flops / r[f"seconds_{phase}"][i] / 1e9)
+            med, rate = statistics.median(secs), statistics.median(rates)
+            share = med / summaries[name]["median"]
+            print(f"| {name} | {phase} | {med:.2f} | {share:.0%} | {rate:.0f} | {rate / ceilings[precision]:.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the three runners")
+    parser.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is not timed)")
+    parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
+    parser.add_argument("--trl-venv", default="runs/trl-venv", help="TRL's own virtual environment (built once)")
+    parser.add_argument("--only", nargs="*", default=["trl", "ours-identical", "ours-defaults"])
+    parser.add_argument("--worker", choices=["identical", "defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return ours_worker(args.spec, args.worker, args.out)
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    spec = prepare(out, args.steps)
+    python = trl_python(Path(args.trl_venv).resolve()) if "trl" in args.only else None
+    commands = {
+        "trl": lambda d: [
+            str(python),
+            str(ROOT / "benchmarks" / "ppo_vs_trl_worker_trl.py"),
+            "--spec",
+            str(out / "spec.json"),
+            "--out",
+            str(d),
+        ],
+        "ours-identical": lambda d: [
+            sys.executable,
+            __file__,
+            "--worker",
+            "identical",
+            "--spec",
+            str(out / "spec.json"),
+            "--out",
+            str(d),
+        ],
+        "ours-defaults": lambda d: [
+            sys.executable,
+            __file__,
+            "--worker",
+            "defaults",
+            "--spec",
+            str(out / "spec.json"),
+            "--out",
+            str(d),
+        ],
+    }
+    results: dict[str, list[dict]] = {name: [] for name in args.only}
+    for k in range(args.rounds):
+        for name in args.only:
+            run_dir = out / f"{name}-{k}"
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            run_dir.mkdir()
+            t0 = time.perf_counter()
+            r = run_worker(commands[name](run_dir), out / f"{name}-{k}.log")
+            results[name].append(r)
+            steps = ", ".join(f"{s:.1f}" for s in r["step_seconds"])
+            print(
+                f"round {k + 1} {name}: {time.perf_counter() - t0:.0f} s; steps [{steps}] s; "
+                f"peak {r['peak_rss_mb'] / 1024:.2f} GB",
+                flush=True,
+            )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    summaries = {name: summarise(rs, spec) for name, rs in results.items()}
+    gains = reward_gain(spec, {name: [r["final"] for r in rs] for name, rs in results.items()})
+    ceilings = {"no": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+    if "trl" in summaries:
+        print_tables(spec, summaries, results, gains, ceilings)
+    else:
+        print(json.dumps({"summaries": summaries, "gains": gains, "ceilings": ceilings}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
