@@ -94,7 +94,10 @@ def optimise(st: Stage, model, n_train: int, updates_per_step: int = 1) -> Optim
         model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # fused: one vectorised pass over each parameter instead of several (6× faster steps on a CPU, measured in
+    # benchmarks/ppo_vs_trl.py); CPU and CUDA have it, other devices take the plain loop
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused)
     total_steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
     updates = total_steps * updates_per_step
     scheduler = make_scheduler(optimizer, round(cfg.warmup_ratio * updates), updates, cfg.schedule)

@@ -42,7 +42,7 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
 from rlhf.models.freeze import train_top_layers
-from rlhf.models.generation import sample_responses
+from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.reward import load_reward_model, pad_batch, position_ids, score
@@ -145,11 +145,12 @@ def response_logprobs(resp_logits: torch.Tensor, input_ids: torch.Tensor, contex
     return logprobs_from_logits(resp_logits, input_ids[:, context:]), resp_logits
 
 
-def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step) -> Rollouts:
-    """Sample one response per prompt; the response mask ends at the first EOS (padding after it is not trained)."""
+def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocast: bool = True) -> Rollouts:
+    """Sample one response per prompt; the response mask ends at the first EOS (padding after it is not trained).
+    `policy` is the policy itself (autocast), or its inference copy (already in the precision to sample in)."""
     torch.manual_seed(rollout_seed(cfg.seed, step, st.accelerator.process_index))
     policy.eval()
-    with st.accelerator.autocast():
+    with st.accelerator.autocast() if autocast else contextlib.nullcontext():
         prompt_ids, prompt_mask, responses, *logprobs = sample_responses(
             policy,
             [encoded[i] for i in indices],
@@ -207,16 +208,23 @@ def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts) -> dict[str, torc
 
 
 @torch.no_grad()
-def reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro: Rollouts) -> torch.Tensor:
+def reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro: Rollouts, model) -> torch.Tensor:
     """The reward model's score of each response, (B,). The text is re-tokenised with the reward model's tokenizer
-    exactly as it was in reward-model training, so any reward model scores any policy."""
+    exactly as it was in reward-model training, so any reward model scores any policy. reward_model None: the
+    value model's LoRA adapters switched off are the reward model (it started as a copy of it)."""
     demos = [Demonstration(pid, messages[pid], text) for pid, text in zip(ro.prompt_ids, ro.texts, strict=True)]
     sequences = response_sequences(rm_tokenizer, demos, cfg.max_seq_len)
+    value_model = st.accelerator.unwrap_model(model).value_model
     scores = []
     for i in range(0, len(sequences), cfg.micro_batch_size):
         ids, mask = pad_batch(sequences[i : i + cfg.micro_batch_size], rm_tokenizer.pad_token_id)
+        ids, mask = ids.to(st.accelerator.device), mask.to(st.accelerator.device)
         with st.accelerator.autocast():
-            scores.append(score(reward_model, ids.to(st.accelerator.device), mask.to(st.accelerator.device)))
+            if reward_model is None:
+                with value_model.disable_adapter():
+                    scores.append(score(value_model, ids, mask))
+            else:
+                scores.append(score(reward_model, ids, mask))
     return torch.cat(scores)
 
 
@@ -234,11 +242,16 @@ def gold_rewards(messages, ro: Rollouts) -> torch.Tensor:
 
 
 def load_models(cfg: PPOConfig, say):
-    """(policy, tokenizer, reference or None for LoRA, value model, reward model, reward tokenizer)."""
+    """(policy, tokenizer, reference, value model, reward model, reward tokenizer). With LoRA the reference is None
+    (the policy with its adapters off) and, when the value model starts from the reward model, so is the reward
+    model (the value model with its adapters off): two models in memory instead of four."""
     policy, tokenizer = load_causal_lm(cfg.policy)
-    reward_model, rm_tokenizer = load_reward_model(cfg.reward)
-    reward_model.eval().requires_grad_(False)
     value_model, value_tokenizer = load_reward_model(cfg.reward if cfg.value_init == "reward" else cfg.policy)
+    if cfg.lora and cfg.value_init == "reward":
+        reward_model, rm_tokenizer = None, value_tokenizer
+    else:
+        reward_model, rm_tokenizer = load_reward_model(cfg.reward)
+        reward_model.eval().requires_grad_(False)
     probe = "Check: the value model reads the policy's tokens 123 ✓"
     if value_tokenizer(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
         raise DataError(
@@ -260,6 +273,7 @@ def load_models(cfg: PPOConfig, say):
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"
+        f"{' (the value model with adapters off)' if reward_model is None else ''}"
     )
     return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
 
@@ -327,6 +341,12 @@ def run(cfg: PPOConfig) -> Path:
     for m in (reward_model, ref_policy):
         if m is not None:
             m.to(device)
+    # rollouts come from a plain copy of the policy, refreshed every step, when that saves work: LoRA merged in
+    # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights)
+    sampler_copy = None
+    if cfg.lora or cfg.mixed_precision == "bf16":
+        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        sampler_copy = inference_copy(accelerator.unwrap_model(model).policy, dtype)
     per_rank, mini_rank = cfg.batch_size // world, cfg.mini_batch_size // world
     st.say(
         f"{len(prompts)} prompts, {opt.total_steps} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs × "
@@ -343,12 +363,16 @@ def run(cfg: PPOConfig) -> Path:
         t0 = time.perf_counter()
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(prompts), cfg.seed)
         mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-        ro = rollout(st, cfg, accelerator.unwrap_model(model).policy, tokenizer, prompts, encoded, mine, step)
+        sampler = accelerator.unwrap_model(model).policy
+        if sampler_copy is not None:
+            refresh_inference_copy(sampler_copy, sampler)
+            sampler = sampler_copy
+        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
         t1 = time.perf_counter()
 
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
         fwd = forward_rollouts(st, cfg, model, ref_policy, ro)
-        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro)
+        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
         )
