@@ -9,7 +9,10 @@ Three runners, alternated `--rounds` times, each a fresh process (so its peak re
 - TRL: float32, full fine-tuning, in its own virtual environment (built here on first use, kept out of the
   project's dependencies);
 - ours, identical settings: the same float32 full fine-tuning;
-- ours, defaults: what `rlhf ppo` ships (PPOConfig's defaults), on the same work.
+- ours, shipped settings: the PPO section of the `demo` preset that the main job runs (bf16 autocast, the top 10
+  of 30 layers trained, λ = 1, lr 1e-4, 2 PPO epochs), on the same work;
+- TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
+  (rlhf/runtime/allocator.py), so this row shows how much of the difference is the allocator.
 Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
 answer the 8 prompts 8 times each (same seeds) and the reward model scores them: the reward gained.
 It also measures this CPU's sustained matrix-multiply rate (float32 and bfloat16) and reports each of our phases'
@@ -91,10 +94,10 @@ def prepare(out: Path, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- runners
-def run_worker(cmd: list[str], log: Path) -> dict:
+def run_worker(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run one measurement in a fresh process; its RESULT line, plus its peak resident memory from wait4."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT, env=env)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -122,7 +125,12 @@ def ours_config(spec: dict, variant: str, out: Path):
         "progress": False,
     }
     if variant == "defaults":
-        return PPOConfig(**work)
+        from rlhf.config import load_yaml
+
+        shipped = load_yaml(ROOT / "rlhf" / "presets" / "demo.yaml")["ppo"]
+        shipped = {k: v for k, v in shipped.items() if k not in ("epochs", "save_every")}
+        batch = {"batch_size": spec["batch_size"], "mini_batch_size": spec["batch_size"], "micro_batch_size": 8}
+        return PPOConfig(**{**work, **shipped, **batch, "max_new_tokens": spec["max_new_tokens"]})
     # TRL's settings: 1 epoch of 1 minibatch, float32, all weights, TRL's defaults for the rest
     return PPOConfig(
         **work,
@@ -143,6 +151,9 @@ def ours_config(spec: dict, variant: str, out: Path):
 
 
 def ours_worker(spec_path: str, variant: str, out: str) -> None:
+    from rlhf.runtime.allocator import use_jemalloc
+
+    use_jemalloc()  # as the `rlhf` command does
     from rlhf.stages import ppo
 
     spec = json.loads(Path(spec_path).read_text())
@@ -160,6 +171,7 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
             "final": str(final),
             "mixed_precision": cfg.mixed_precision,
             "trainable_layers": cfg.trainable_layers,
+            "ppo_epochs": cfg.ppo_epochs,
         }
     )
     print("RESULT " + json.dumps(result), flush=True)
@@ -186,20 +198,20 @@ def model_flops(config) -> dict:
     return {"layer": per_layer, "layers": layers, "head": 2 * d * config.vocab_size}
 
 
-def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, trainable: int | None) -> dict:
-    """Useful FLOPs of one step of ours, phase by phase, counting real tokens only.
+def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, trainable: int | None, epochs: int) -> dict:
+    """Useful FLOPs of one step of ours, phase by phase, counting real tokens only (padding is not useful work).
 
     generate: the policy over prompt + response tokens, the LM head once per response token;
-    score: policy, reference, value and reward model over all tokens, the LM head (policy and reference) on
-      response tokens only;
-    train: forward of policy and value model over all tokens + backward (2× forward) of the trainable layers,
-      LM head forward and backward on response tokens."""
+    score: reference, value and reward model over all tokens (the policy's log-probs come from sampling), the
+      reference's LM head on response tokens;
+    train, per PPO epoch: forward of policy and value model over all tokens + backward (2× forward) of the
+      trainable layers, the LM head forward and backward on response tokens."""
     tokens = prompt_tokens + response_tokens
     trunk = fl["layer"] * fl["layers"]
     trained = fl["layer"] * (trainable or fl["layers"])
     generate = tokens * trunk + response_tokens * fl["head"]
-    score = 4 * tokens * trunk + 2 * response_tokens * fl["head"]
-    train = 2 * tokens * trunk + 2 * 2 * tokens * trained + 3 * response_tokens * fl["head"]
+    score = 3 * tokens * trunk + response_tokens * fl["head"]
+    train = epochs * (2 * tokens * trunk + 2 * 2 * tokens * trained + 3 * response_tokens * fl["head"])
     return {"generate": generate, "score": score, "train": train}
 
 
@@ -280,12 +292,12 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in [n for n in results if n.startswith("ours")]:
         rs = results[name]
-        precision, trainable = rs[0]["mixed_precision"], rs[0]["trainable_layers"]
+        precision, trainable, epochs = rs[0]["mixed_precision"], rs[0]["trainable_layers"], rs[0]["ppo_epochs"]
         for phase in ("generate", "score", "train"):
             secs, rates = [], []
             for r in rs:
                 for i in range(1, len(r["step_seconds"])):
-                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], trainable)[phase]
+                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], trainable, epochs)[phase]
                     secs.append(r[f"seconds_{phase}"][i])
                     rates.append(flops / r[f"seconds_{phase}"][i] / 1e9)
             med, rate = statistics.median(secs), statistics.median(rates)
@@ -299,7 +311,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is not timed)")
     parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
     parser.add_argument("--trl-venv", default="runs/trl-venv", help="TRL's own virtual environment (built once)")
-    parser.add_argument("--only", nargs="*", default=["trl", "ours-identical", "ours-defaults"])
+    parser.add_argument("--only", nargs="*", default=["trl", "trl-jemalloc", "ours-identical", "ours-defaults"])
     parser.add_argument("--worker", choices=["identical", "defaults"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,7 +321,10 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = prepare(out, args.steps)
-    python = trl_python(Path(args.trl_venv).resolve()) if "trl" in args.only else None
+    python = trl_python(Path(args.trl_venv).resolve()) if any(n.startswith("trl") for n in args.only) else None
+    from rlhf.runtime.allocator import jemalloc_path
+
+    jemalloc_env = {**os.environ, "LD_PRELOAD": jemalloc_path() or ""}
     commands = {
         "trl": lambda d: [
             str(python),
@@ -350,7 +365,8 @@ def main() -> None:
                 shutil.rmtree(run_dir)
             run_dir.mkdir()
             t0 = time.perf_counter()
-            r = run_worker(commands[name](run_dir), out / f"{name}-{k}.log")
+            cmd = commands[name.removesuffix("-jemalloc")](run_dir)
+            r = run_worker(cmd, out / f"{name}-{k}.log", jemalloc_env if name.endswith("-jemalloc") else None)
             results[name].append(r)
             steps = ", ".join(f"{s:.1f}" for s in r["step_seconds"])
             print(

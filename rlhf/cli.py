@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the real command (not a call from Python): run under jemalloc where the system has it
+        from rlhf.runtime.allocator import use_jemalloc
+
+        use_jemalloc()
     argv = sys.argv[1:] if argv is None else argv
     # `rlhf rm score ...` scores with a trained reward model; plain `rlhf rm ...` trains one.
     if argv[:2] == ["rm", "score"]:

@@ -1,0 +1,42 @@
+"""Run the `rlhf` command under jemalloc when the system has it (PyTorch's CPU performance guide recommends
+jemalloc or tcmalloc over glibc's malloc for training).
+
+Training allocates and frees large tensors of many sizes every step; glibc's malloc fragments under that and hands
+memory back to the kernel only to fault it in again. Measured on a PPO step of the embedded model (2-core CPU,
+benchmarks/ppo_vs_trl.py): about 15% less time and 0.5 GB lower peak memory with jemalloc. The process re-executes
+itself once with LD_PRELOAD set, before any heavy import; `RLHF_MALLOC=system` keeps glibc. Debian/Ubuntu:
+`apt-get install libjemalloc2` (`make setup` does it where it may).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+
+MARKER = "RLHF_MALLOC_REEXEC"
+
+
+def jemalloc_path() -> str | None:
+    """The shared library to preload, or None when the system has no jemalloc."""
+    for candidate in ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"):
+        if os.path.exists(candidate):
+            return candidate
+    return ctypes.util.find_library("jemalloc")
+
+
+def use_jemalloc() -> None:
+    """Re-execute this process under jemalloc if it is available and not in use yet; otherwise return."""
+    if not sys.platform.startswith("linux") or os.environ.get("RLHF_MALLOC", "").lower() == "system":
+        return
+    if os.environ.get(MARKER) or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = jemalloc_path()
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env[MARKER] = "1"
+    env["LD_PRELOAD"] = " ".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
