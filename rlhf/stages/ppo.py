@@ -133,6 +133,12 @@ class Rollouts:
     logprobs: torch.Tensor | None  # (B, T) float32 under the sampling distribution; undefined where ~response_mask
 
 
+def logprobs_from_sampling(cfg: PPOConfig, accelerator) -> bool:
+    if cfg.rollout_logprobs == "auto":
+        return accelerator.mixed_precision != "bf16"
+    return cfg.rollout_logprobs == "sampling"
+
+
 def rollout_seed(seed: int, step: int, rank: int) -> int:
     """Sampling is seeded per (seed, step, process): a resumed run draws the rollouts an uninterrupted one did."""
     digest = hashlib.sha256(f"{seed}|{step}|{rank}".encode()).digest()
@@ -158,7 +164,7 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocas
             tokenizer.eos_token_id,
             cfg.max_new_tokens,
             cfg.temperature,
-            with_logprobs=cfg.rollout_logprobs == "sampling",
+            with_logprobs=logprobs_from_sampling(cfg, st.accelerator),
         )
     is_eos = responses == tokenizer.eos_token_id  # (B, T)
     finished = is_eos.any(dim=1)
