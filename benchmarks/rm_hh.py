@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhf.config import RewardConfig
 from rlhf.data.preferences import read_preferences
+from rlhf.runtime.allocator import use_jemalloc
 from rlhf.runtime.checkpoint import DONE_FILE
 from rlhf.stages import reward
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-rm-hh")
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args()
+    use_jemalloc()  # as the `rlhf` command does (rlhf/runtime/allocator.py)
 
     result = read_preferences(HH)
     first_heldout_line = result.rows - args.heldout + 1  # non-blank rows are numbered 1..rows in this file

@@ -24,6 +24,7 @@ import torch
 from rlhf.annotators.synthetic import write_synthetic_library
 from rlhf.config import AnnotateConfig, FilterConfig, RewardConfig
 from rlhf.models.reward import load_reward_model
+from rlhf.runtime.allocator import use_jemalloc
 from rlhf.stages import annotate, reward
 from rlhf.stages import filter as filter_stage
 from rlhf.store.library import ComparisonRow, Library
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=384)
     parser.add_argument("--out", default="runs/bench-rm-kwise")
     args = parser.parse_args()
+    use_jemalloc()  # as the `rlhf` command does (rlhf/runtime/allocator.py)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

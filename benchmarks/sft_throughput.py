@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from rlhf.config import SFTConfig
+from rlhf.runtime.allocator import use_jemalloc
 from rlhf.stages import sft
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--data", default="examples/demos.jsonl")
     args = parser.parse_args()
+    use_jemalloc()  # as the `rlhf` command does (rlhf/runtime/allocator.py)
     results = [measure(p, args.steps, args.data, lora) for p, lora in (("no", False), ("bf16", False), ("no", True))]
     header = list(results[0])
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
