@@ -217,7 +217,8 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, trainabl
 
 def reward_gain(spec: dict, finals: dict[str, list[str]], samples: int = 8) -> dict[str, tuple[float, float]]:
     """Mean reward-model score of each policy's answers to the 8 prompts (samples each, the same seeds for all),
-    minus the initial policy's; (mean gain, its standard error over the runs)."""
+    minus the initial policy's; (mean gain, its standard error over the runs). Every round is seeded alike, so the
+    runs of one runner normally end at the same policy and the error is 0: the rounds measure timing."""
     from rlhf.data.records import Demonstration
     from rlhf.models.generation import sample_responses
     from rlhf.models.load import load_causal_lm, load_tokenizer
@@ -273,7 +274,7 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
     trl = summaries["trl"]
     print(
         "\n| runner | s/step median | min | max | generated tok/s | peak RSS GB | time ÷ TRL | memory ÷ TRL "
-        "| reward gain after N steps |"
+        "| RM score gain after the run |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, s in summaries.items():
