@@ -79,7 +79,7 @@ def main() -> None:
         max_seq_len=args.max_seq_len,
         mixed_precision=args.mixed_precision,
         eval_every=10**6,
-        save_every=10**6,
+        save_every=25,  # a killed run resumes (resume=True) instead of starting an hour over
         resume=True,
     )
     t0 = time.time()
