@@ -1,5 +1,6 @@
 """Training only the top layers of a transformer (trlx's `num_layers_unfrozen`): the backward pass stops at the
-lowest trainable layer, so on small hardware a PPO update costs a fraction of a full one."""
+lowest trainable layer, so on small hardware a PPO update costs a fraction of a full one; and the frozen part,
+which training never changes, can be shared with a frozen model that started from the same weights."""
 
 from __future__ import annotations
 
@@ -27,3 +28,36 @@ def train_top_layers(model, n: int) -> int:
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def share_frozen_layers(frozen_model, trained_model) -> int:
+    """Point `frozen_model`'s input embeddings and bottom blocks at `trained_model`'s own modules wherever those are
+    frozen in `trained_model` and hold exactly the same weights (PPO's reference is the SFT model the policy starts
+    from; its reward model is where the value model starts). Training never changes them, so one copy in memory
+    serves both, and outputs stay bit-identical. A tied LM head follows the embeddings. Returns the parameters
+    shared (0 when the embeddings differ or are trained: then nothing is touched)."""
+    emb_t, emb_f = trained_model.get_input_embeddings(), frozen_model.get_input_embeddings()
+    if not _frozen_and_equal(emb_t, emb_f):
+        return 0
+    head = frozen_model.get_output_embeddings()
+    tied = head is not None and head.weight is emb_f.weight
+    frozen_model.set_input_embeddings(emb_t)
+    if tied:
+        head.weight = emb_t.weight
+    shared = sum(p.numel() for p in emb_t.parameters())
+    layers_t, layers_f = decoder_layers(trained_model), decoder_layers(frozen_model)
+    for i in range(min(len(layers_t), len(layers_f))):
+        if not _frozen_and_equal(layers_t[i], layers_f[i]):
+            break
+        layers_f[i] = layers_t[i]
+        shared += sum(p.numel() for p in layers_t[i].parameters())
+    return shared
+
+
+def _frozen_and_equal(trained: torch.nn.Module, other: torch.nn.Module) -> bool:
+    if any(p.requires_grad for p in trained.parameters()):
+        return False
+    a, b = trained.state_dict(), other.state_dict()
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )

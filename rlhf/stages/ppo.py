@@ -41,7 +41,7 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
-from rlhf.models.freeze import train_top_layers
+from rlhf.models.freeze import share_frozen_layers, train_top_layers
 from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
@@ -276,10 +276,14 @@ def load_models(cfg: PPOConfig, say):
     if not cfg.lora or (cfg.reference and cfg.reference != cfg.policy):
         ref_policy, _ = load_causal_lm(cfg.reference or cfg.policy)
         ref_policy.eval().requires_grad_(False)
+    shared = 0
+    if cfg.trainable_layers is not None:  # the frozen bottom of policy and value model: one copy serves two models
+        shared += share_frozen_layers(ref_policy, policy) + share_frozen_layers(reward_model, value_model)
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"
         f"{' (the value model with adapters off)' if reward_model is None else ''}"
+        f"{f'; {shared / 1e6:.1f}M frozen parameters shared, not copied' if shared else ''}"
     )
     return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
 

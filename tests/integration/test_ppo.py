@@ -179,6 +179,19 @@ def test_ppo_with_lora_uses_the_base_as_reference_and_ptx(tiny_run, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+def test_ppo_top_layers_share_the_frozen_bottom_with_reference_and_reward_model(tiny_run, tmp_path):
+    out = tmp_path / "top"
+    proc = run_cli(*ppo_args(tiny_run, out, "--trainable-layers", "1", "--mixed-precision", "bf16"))
+    assert "frozen parameters shared, not copied" in proc.stdout
+    # the reference shares the policy's bottom and still is the SFT model: the first rollouts have KL 0
+    assert read_metrics(out, "kl")[0] == pytest.approx(0.0, abs=1e-4)
+    sft = load_file(tiny_run[0] / "sft" / "final" / "model.safetensors")
+    ppo = load_file(out / "ppo" / "final" / "model.safetensors")
+    for k in sft:
+        moved = not torch.equal(sft[k], ppo[k])
+        assert moved == k.startswith(("model.layers.1.", "model.norm.")), k
+
+
 def test_ppo_stops_with_a_clear_message_after_non_finite_rewards(tiny_run, tmp_path):
     broken = tmp_path / "nan-rm"
     model, tok = load_reward_model(str(tiny_run[0] / "rm" / "final"))

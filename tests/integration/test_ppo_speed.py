@@ -71,3 +71,43 @@ def test_value_model_with_adapters_off_is_the_reward_model():
         assert (score(value_model, ids, mask) - expected).abs().min() > 1e-3  # the value model has moved
         with value_model.disable_adapter():
             torch.testing.assert_close(score(value_model, ids, mask), expected, rtol=0, atol=1e-6)
+
+
+def test_frozen_bottom_is_shared_and_stays_what_it_was():
+    from rlhf.models.freeze import share_frozen_layers, train_top_layers
+    from rlhf.models.tiny import tiny_model
+
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm("tiny")
+    reference, _ = load_causal_lm("tiny")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    train_top_layers(policy, 1)
+    shared = share_frozen_layers(reference, policy)
+    embeddings, layers = policy.get_input_embeddings(), policy.model.layers
+    assert shared == sum(p.numel() for m in (embeddings, layers[0]) for p in m.parameters())
+    assert reference.get_input_embeddings() is embeddings and reference.lm_head.weight is embeddings.weight
+    assert reference.model.layers[0] is layers[0] and reference.model.layers[1] is not layers[1]
+    # training the policy's top moves the policy, never the reference that shares its bottom
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+    policy(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, expected, rtol=0, atol=0)
+        assert (policy(input_ids=ids).logits - expected).abs().max() > 1e-3
+    # different weights, or trained embeddings: nothing is shared
+    assert share_frozen_layers(tiny_model(tok, seed=1), policy) == 0
+    fresh, _ = load_causal_lm("tiny")
+    assert share_frozen_layers(load_causal_lm("tiny")[0], fresh) == 0
+
+    value_model, _ = load_reward_model("tiny")
+    reward_model, _ = load_reward_model("tiny")
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        scores = score(reward_model, ids, mask)
+    train_top_layers(value_model, 1)
+    assert share_frozen_layers(reward_model, value_model) > 0
+    assert reward_model.model.layers[0] is value_model.model.layers[0]
+    with torch.no_grad():
+        torch.testing.assert_close(score(reward_model, ids, mask), scores, rtol=0, atol=0)
