@@ -61,3 +61,20 @@ def _frozen_and_equal(trained: torch.nn.Module, other: torch.nn.Module) -> bool:
     return a.keys() == b.keys() and all(
         a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
     )
+
+
+def store_frozen_blocks_in(frozen_model, dtype: torch.dtype, keep=()) -> int:
+    """Store the linear weights inside `frozen_model`'s blocks in `dtype` (bf16 for a frozen reference or reward model
+    under bf16 autocast, which casts every linear layer's weight to bf16 before multiplying anyway: outputs are
+    unchanged, while memory and the per-forward casts are saved). Norms and embeddings keep their precision; blocks
+    in `keep` (shared with a model being trained) are left alone. Returns the parameters stored in `dtype`."""
+    kept = {id(m) for m in keep}
+    done = 0
+    for layer in decoder_layers(frozen_model):
+        if id(layer) in kept:
+            continue
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
+                m.to(dtype)
+                done += sum(p.numel() for p in m.parameters())
+    return done

@@ -41,7 +41,7 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
-from rlhf.models.freeze import share_frozen_layers, train_top_layers
+from rlhf.models.freeze import decoder_layers, share_frozen_layers, store_frozen_blocks_in, train_top_layers
 from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
@@ -276,9 +276,14 @@ def load_models(cfg: PPOConfig, say):
     if not cfg.lora or (cfg.reference and cfg.reference != cfg.policy):
         ref_policy, _ = load_causal_lm(cfg.reference or cfg.policy)
         ref_policy.eval().requires_grad_(False)
-    shared = 0
+    shared, trained_blocks = 0, ()
     if cfg.trainable_layers is not None:  # the frozen bottom of policy and value model: one copy serves two models
         shared += share_frozen_layers(ref_policy, policy) + share_frozen_layers(reward_model, value_model)
+        trained_blocks = (*decoder_layers(policy), *decoder_layers(value_model))
+    if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
+        for frozen in (ref_policy, reward_model):
+            if frozen is not None:
+                store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained_blocks)
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"

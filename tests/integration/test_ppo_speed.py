@@ -111,3 +111,23 @@ def test_frozen_bottom_is_shared_and_stays_what_it_was():
     assert reward_model.model.layers[0] is value_model.model.layers[0]
     with torch.no_grad():
         torch.testing.assert_close(score(reward_model, ids, mask), scores, rtol=0, atol=0)
+
+
+def test_frozen_blocks_stored_in_bf16_give_the_same_outputs_under_bf16_autocast():
+    from rlhf.models.freeze import store_frozen_blocks_in
+
+    torch.manual_seed(0)
+    reference, _ = load_causal_lm("tiny")
+    reference.requires_grad_(False)
+    policy, _ = load_causal_lm("tiny")
+    reference.model.layers[0] = policy.model.layers[0]  # as if shared with a policy being trained
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = reference(input_ids=ids).logits
+    stored = store_frozen_blocks_in(reference, torch.bfloat16, keep=policy.model.layers)
+    assert stored == sum(p.numel() for p in reference.model.layers[1].parameters() if p.ndim == 2)
+    assert reference.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert reference.model.layers[1].input_layernorm.weight.dtype == torch.float32
+    assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # kept: shared
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        torch.testing.assert_close(reference(input_ids=ids).logits, expected, rtol=0, atol=0)
