@@ -4,6 +4,8 @@ which training never changes, can be shared with a frozen model that started fro
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -78,3 +80,51 @@ def store_frozen_blocks_in(frozen_model, dtype: torch.dtype, keep=()) -> int:
                 m.to(dtype)
                 done += sum(p.numel() for p in m.parameters())
     return done
+
+
+def frozen_depth(model) -> int:
+    """How many blocks at the bottom of `model` train nothing (0 when its input embeddings train)."""
+    if any(p.requires_grad for p in model.get_input_embeddings().parameters()):
+        return 0
+    depth = 0
+    for layer in decoder_layers(model):
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        depth += 1
+    return depth
+
+
+@contextlib.contextmanager
+def only_blocks(model, start: int, stop: int | None = None, final_norm: bool = True):
+    """Within this block, `model`'s trunk (a causal LM, a sequence classifier or the bare trunk) runs only its
+    blocks [start:stop], and skips its final norm unless `final_norm`. So a forward with stop = k and no final norm
+    returns what leaves block k − 1, and a forward of the blocks from k given that as `inputs_embeds` finishes the
+    original forward: frozen blocks whose output is already known are not run again."""
+    base = getattr(model, model.base_model_prefix, model)
+    layers, norm = base.layers, base.norm
+    base.layers = layers[start:stop]
+    if not final_norm:
+        base.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        base.layers, base.norm = layers, norm
+
+
+def replays_exactly(model, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids) -> bool:
+    """Whether running `model` as its bottom `depth` blocks, then the rest from their output, gives bit-identical
+    outputs on this batch. Decoders whose trunk embeds the tokens, loops over `layers` and ends in `norm` (Llama,
+    Mistral, Qwen, SmolLM) do; an architecture that does more to `inputs_embeds` (adds positions, scales) does not,
+    and then nothing is replayed."""
+    base = getattr(model, model.base_model_prefix, model)
+    if not isinstance(getattr(base, "layers", None), torch.nn.ModuleList) or not hasattr(base, "norm") or depth < 1:
+        return False
+    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+    with torch.no_grad():
+        full = model(input_ids=input_ids, **kwargs)
+        with only_blocks(model, 0, depth, final_norm=False):
+            hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
+        with only_blocks(model, depth):
+            replayed = model(inputs_embeds=hidden, **kwargs)
+    key = "logits" if "logits" in full else "last_hidden_state"
+    return torch.equal(full[key], replayed[key])

@@ -41,7 +41,15 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
-from rlhf.models.freeze import decoder_layers, share_frozen_layers, store_frozen_blocks_in, train_top_layers
+from rlhf.models.freeze import (
+    decoder_layers,
+    frozen_depth,
+    only_blocks,
+    replays_exactly,
+    share_frozen_layers,
+    store_frozen_blocks_in,
+    train_top_layers,
+)
 from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
@@ -64,32 +72,57 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        # frozen bottom blocks whose output is computed once per step and replayed into later forwards (0: none)
+        self.policy_depth = self.value_depth = 0
+        self.reference_shares_bottom = False
 
     def value_parts(self):
         inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
         return getattr(inner, inner.base_model_prefix), inner.score
 
-    def values(self, input_ids, attention_mask, context: int) -> torch.Tensor:
-        """The value of the state each response token follows (positions context−1 … L−2), (B, T) float32."""
+    def values(self, input_ids, attention_mask, context: int, bottom=None) -> torch.Tensor:
+        """The value of the state each response token follows (positions context−1 … L−2), (B, T) float32.
+        `bottom`: what the value model's frozen bottom gives for these rows (`bottoms`), to start from."""
         trunk, head = self.value_parts()
-        pos = position_ids(attention_mask)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+        if bottom is None:
+            hidden = trunk(input_ids=input_ids, **kwargs).last_hidden_state
+        else:
+            with only_blocks(trunk, self.value_depth):
+                hidden = trunk(inputs_embeds=bottom, **kwargs).last_hidden_state
         return head(hidden[:, context - 1 : -1]).squeeze(-1).float()
 
-    def forward(self, input_ids, attention_mask, context: int):
+    def bottoms(self, input_ids, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The hidden states leaving the frozen bottom of the policy and of the value model (None where nothing is
+        replayed): computed once per step, they stand in for those blocks in every later forward of the same rows."""
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+        out = []
+        for model, depth in ((self.policy, self.policy_depth), (self.value_parts()[0], self.value_depth)):
+            if not depth:
+                out.append(None)
+                continue
+            with only_blocks(model, 0, depth, final_norm=False):
+                out.append(getattr(model, model.base_model_prefix, model)(input_ids=input_ids, **kwargs)[0])
+        return out[0], out[1]
+
+    def forward(self, input_ids, attention_mask, context: int, bottoms=(None, None)):
         """Response logits (B, T, V) of the policy and values (B, T), for rows of prompt (P = context) + response."""
-        logits = lm_response_logits(self.policy, input_ids, attention_mask, context)
-        return logits, self.values(input_ids, attention_mask, context)
+        logits = lm_response_logits(self.policy, input_ids, attention_mask, context, bottoms[0], self.policy_depth)
+        return logits, self.values(input_ids, attention_mask, context, bottoms[1])
 
 
-def lm_response_logits(lm, input_ids, attention_mask, context: int) -> torch.Tensor:
+def lm_response_logits(lm, input_ids, attention_mask, context: int, bottom=None, depth: int = 0) -> torch.Tensor:
     """The logits that predict the response tokens, (B, T, V): position t predicts token t + 1, so positions
     context−1 … L−2. The LM head runs on those T + 1 last positions only (`logits_to_keep`): on the prompt it would
-    cost a fifth of a small model's FLOPs per token for nothing."""
+    cost a fifth of a small model's FLOPs per token for nothing. With `bottom` (what `lm`'s `depth` frozen bottom
+    blocks give for these rows) only the blocks above run."""
     t = input_ids.shape[1] - context
     pos = position_ids(attention_mask)
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=t + 1)
-    return out.logits[:, :-1]
+    kwargs = {"attention_mask": attention_mask, "position_ids": pos, "logits_to_keep": t + 1, "use_cache": False}
+    if bottom is None:
+        return lm(input_ids=input_ids, **kwargs).logits[:, :-1]
+    with only_blocks(lm, depth):
+        return lm(inputs_embeds=bottom, **kwargs).logits[:, :-1]
 
 
 class PPOState:
@@ -192,25 +225,31 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocas
 def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts) -> dict[str, torch.Tensor]:
     """Log-probs under the policy (unless sampling gave them) and the reference, and values, in micro-batches."""
     unwrapped = st.accelerator.unwrap_model(model)
-    out = {"logprobs": [], "ref_logprobs": [], "values": []}
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "bottom_policy": [], "bottom_value": []}
     for i in range(0, len(ro.texts), cfg.micro_batch_size):
         ids, mask = ro.input_ids[i : i + cfg.micro_batch_size], ro.attention_mask[i : i + cfg.micro_batch_size]
         with st.accelerator.autocast():
+            bottoms = unwrapped.bottoms(ids, mask)
             if ro.logprobs is None:
-                logits, values = unwrapped(ids, mask, ro.context)
+                logits, values = unwrapped(ids, mask, ro.context, bottoms)
                 out["logprobs"].append(response_logprobs(logits, ids, ro.context, cfg.temperature)[0])
             else:
-                values = unwrapped.values(ids, mask, ro.context)
+                values = unwrapped.values(ids, mask, ro.context, bottoms[1])
             if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
                 with unwrapped.policy.disable_adapter():
                     ref_logits = lm_response_logits(unwrapped.policy, ids, mask, ro.context)
+            elif unwrapped.reference_shares_bottom:  # the policy's frozen bottom is the reference's too
+                ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, bottoms[0], unwrapped.policy_depth)
             else:
                 ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context)
             out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
         out["values"].append(values)
+        for key, bottom in zip(("bottom_policy", "bottom_value"), bottoms, strict=True):
+            if bottom is not None:
+                out[key].append(bottom)
     if ro.logprobs is not None:
         out["logprobs"] = [ro.logprobs]
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 @torch.no_grad()
@@ -293,6 +332,28 @@ def load_models(cfg: PPOConfig, say):
     return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
 
 
+def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]], pad_id: int, device, say) -> None:
+    """With --trainable-layers, the frozen bottom of the policy (and of the reference, which shares it) and of the
+    value model gives the same output for the step's rollouts in every forward, so it runs once per step and its
+    output is replayed (PPO would otherwise run it for the log-probs, the reference and every update epoch). Each
+    model replays only if splitting its forward there gives bit-identical outputs on a probe batch."""
+    ids, mask = (t.to(device) for t in pad_batch(probe, pad_id, side="left"))
+    pos = position_ids(mask)
+    for name, model in (("policy", pv.policy), ("value", pv.value_parts()[0])):
+        depth = frozen_depth(model)
+        if depth and replays_exactly(model, depth, ids, mask, pos):
+            setattr(pv, f"{name}_depth", depth)
+    depth = pv.policy_depth
+    if depth and ref_policy is not None and ref_policy.get_input_embeddings() is pv.policy.get_input_embeddings():
+        mine, theirs = decoder_layers(ref_policy)[:depth], decoder_layers(pv.policy)[:depth]
+        pv.reference_shares_bottom = len(mine) == depth and all(a is b for a, b in zip(mine, theirs, strict=True))
+        pv.reference_shares_bottom &= replays_exactly(ref_policy, depth, ids, mask, pos)
+    say(
+        f"frozen bottom computed once per step and replayed: policy {pv.policy_depth} blocks"
+        f"{' (shared by the reference)' if pv.reference_shares_bottom else ''}, value model {pv.value_depth} blocks"
+    )
+
+
 def encode_prompts(cfg: PPOConfig, tokenizer, say):
     prompts = read_prompts(cfg.prompts)
     kept, encoded, too_long = [], [], []
@@ -356,6 +417,11 @@ def run(cfg: PPOConfig) -> Path:
     for m in (reward_model, ref_policy):
         if m is not None:
             m.to(device)
+    if cfg.trainable_layers is not None:
+        probe = [encoded[0][:24], encoded[-1][:12]]  # rows of two lengths, left-padded as rollouts are
+        with accelerator.autocast():  # as every forward runs (frozen models may hold bf16 weights)
+            pv = accelerator.unwrap_model(model)
+            replay_frozen_bottoms(pv, ref_policy, probe, tokenizer.pad_token_id, device, st.say)
     # rollouts come from a plain copy of the policy, refreshed every step, when that saves work: LoRA merged in
     # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights)
     sampler_copy = None
@@ -477,7 +543,8 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
             for k, idx in enumerate(micro):
                 sync = k == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    logits, values = model(ro.input_ids[idx], ro.attention_mask[idx], ro.context)
+                    bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
+                    logits, values = model(ro.input_ids[idx], ro.attention_mask[idx], ro.context, bottoms)
                     logprobs, resp_logits = response_logprobs(logits, ro.input_ids[idx], ro.context, cfg.temperature)
                     mask = ro.response_mask[idx]
                     pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)

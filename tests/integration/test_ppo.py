@@ -179,10 +179,12 @@ def test_ppo_with_lora_uses_the_base_as_reference_and_ptx(tiny_run, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_ppo_top_layers_share_the_frozen_bottom_with_reference_and_reward_model(tiny_run, tmp_path):
+def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path):
     out = tmp_path / "top"
     proc = run_cli(*ppo_args(tiny_run, out, "--trainable-layers", "1", "--mixed-precision", "bf16"))
     assert "frozen parameters shared, not copied" in proc.stdout
+    # and that bottom runs once per step, replayed for the log-probs, the reference and every update
+    assert "replayed: policy 1 blocks (shared by the reference), value model 1 blocks" in proc.stdout
     # the reference shares the policy's bottom and still is the SFT model: the first rollouts have KL 0
     assert read_metrics(out, "kl")[0] == pytest.approx(0.0, abs=1e-4)
     sft = load_file(tiny_run[0] / "sft" / "final" / "model.safetensors")

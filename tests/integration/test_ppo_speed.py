@@ -131,3 +131,48 @@ def test_frozen_blocks_stored_in_bf16_give_the_same_outputs_under_bf16_autocast(
     assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # kept: shared
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         torch.testing.assert_close(reference(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
+    from rlhf.models.freeze import share_frozen_layers, store_frozen_blocks_in, train_top_layers
+    from rlhf.stages.ppo import PolicyAndValue, replay_frozen_bottoms
+
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm("tiny")
+    reference, _ = load_causal_lm("tiny")
+    value_model, _ = load_reward_model("tiny")
+    reference.requires_grad_(False)
+    for m in (policy, value_model):
+        train_top_layers(m, 1)
+    share_frozen_layers(reference, policy)
+    store_frozen_blocks_in(reference, torch.bfloat16, keep=policy.model.layers)
+    pv = PolicyAndValue(policy, value_model)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
+    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    context = 5
+    with torch.autocast("cpu", torch.bfloat16):
+        replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
+    assert pv.policy_depth == 1 and pv.value_depth == 1 and pv.reference_shares_bottom
+
+    def run(replay: bool):
+        pv.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            with torch.no_grad():
+                bottoms = pv.bottoms(ids, mask) if replay else (None, None)
+                ref = lm_response_logits(reference, ids, mask, context, bottoms[0], pv.policy_depth)
+            logits, values = pv(ids, mask, context, bottoms)
+        (logits.float().square().mean() + values.square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in pv.named_parameters() if p.requires_grad}
+        return ref, logits, values, grads
+
+    plain, replayed = run(False), run(True)
+    for a, b in zip(plain[:3], replayed[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert plain[3].keys() == replayed[3].keys() and len(plain[3]) > 0
+    for name in plain[3]:
+        torch.testing.assert_close(plain[3][name], replayed[3][name], rtol=0, atol=0, msg=name)
+    # and the bottoms really stand in for the frozen blocks: a wrong bottom changes the outputs
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        hp, hv = pv.bottoms(ids, mask)
+        logits, values = pv(ids, mask, context, (hp + 1, hv + 1))
+    assert (logits.float() - plain[1].float()).abs().max() > 1e-3 and (values - plain[2]).abs().max() > 1e-3
