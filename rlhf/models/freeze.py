@@ -128,3 +128,15 @@ def replays_exactly(model, depth: int, input_ids: torch.Tensor, attention_mask: 
             replayed = model(inputs_embeds=hidden, **kwargs)
     key = "logits" if "logits" in full else "last_hidden_state"
     return torch.equal(full[key], replayed[key])
+
+
+def release_file_map(frozen_model, keep) -> None:
+    """Copy into the process's own memory every parameter and buffer of `frozen_model` that is not also one of
+    `keep`'s (a model it shares parts with). A model loaded from safetensors reads its weights through a map of the
+    file, which stays mapped, and counted in resident memory once read, while any one of its tensors lives; after
+    parts of a frozen model were shared or stored in bf16, this lets the map of the rest go."""
+    kept = {id(t) for t in (*keep.parameters(), *keep.buffers())}
+    with torch.no_grad():
+        for t in (*frozen_model.parameters(), *frozen_model.buffers()):
+            if id(t) not in kept:
+                t.data = t.data.clone()

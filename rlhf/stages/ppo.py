@@ -45,6 +45,7 @@ from rlhf.models.freeze import (
     decoder_layers,
     frozen_depth,
     only_blocks,
+    release_file_map,
     replays_exactly,
     share_frozen_layers,
     store_frozen_blocks_in,
@@ -319,10 +320,12 @@ def load_models(cfg: PPOConfig, say):
     if cfg.trainable_layers is not None:  # the frozen bottom of policy and value model: one copy serves two models
         shared += share_frozen_layers(ref_policy, policy) + share_frozen_layers(reward_model, value_model)
         trained_blocks = (*decoder_layers(policy), *decoder_layers(value_model))
-    if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
-        for frozen in (ref_policy, reward_model):
-            if frozen is not None:
-                store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained_blocks)
+    for frozen, trained in ((ref_policy, policy), (reward_model, value_model)):
+        if frozen is None or not (shared or cfg.mixed_precision == "bf16"):
+            continue
+        if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
+            store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained_blocks)
+        release_file_map(frozen, keep=trained)  # else the whole loaded file stays mapped for the rest
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"

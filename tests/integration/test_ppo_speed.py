@@ -176,3 +176,20 @@ def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
         hp, hv = pv.bottoms(ids, mask)
         logits, values = pv(ids, mask, context, (hp + 1, hv + 1))
     assert (logits.float() - plain[1].float()).abs().max() > 1e-3 and (values - plain[2]).abs().max() > 1e-3
+
+
+def test_release_file_map_copies_all_but_the_shared_tensors():
+    from rlhf.models.freeze import release_file_map, share_frozen_layers, train_top_layers
+
+    policy, _ = load_causal_lm("tiny")
+    reference, _ = load_causal_lm("tiny")
+    train_top_layers(policy, 1)
+    share_frozen_layers(reference, policy)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in reference.named_parameters()}
+    release_file_map(reference, keep=policy)
+    shared = {id(p) for p in policy.parameters()}
+    for n, p in reference.named_parameters():
+        ptr, value = before[n]
+        assert (p.data_ptr() == ptr) == (id(p) in shared), n  # own tensors now live in fresh memory
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
+    assert reference.lm_head.weight is policy.get_input_embeddings().weight  # ties kept
