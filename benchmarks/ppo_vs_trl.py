@@ -56,8 +56,9 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def prepare(out: Path, steps: int) -> dict:
-    """The embedded model, a reward/value model with a seeded head, the 8 prompts as token ids; the spec file."""
+def prepare(out: Path, steps: int, seed: int) -> dict:
+    """The embedded model, a reward/value model with a seeded head, the 8 prompts as token ids; the spec file.
+    `seed` seeds the runs (sampling, shuffling), not the reward model's head, so runs of different seeds compare."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.data.chat import encode_prompt
@@ -82,6 +83,7 @@ def prepare(out: Path, steps: int) -> dict:
     )
     spec = {
         **WORK,
+        "seed": seed,
         "steps": steps,
         "model": model,
         "reward": str(reward),
@@ -310,6 +312,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the three runners")
     parser.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is not timed)")
+    parser.add_argument(
+        "--seed", type=int, default=WORK["seed"], help="seed of the runs (the reward model's head stays)"
+    )
     parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
     parser.add_argument("--trl-venv", default="runs/trl-venv", help="TRL's own virtual environment (built once)")
     parser.add_argument("--only", nargs="*", default=["trl", "trl-jemalloc", "ours-identical", "ours-defaults"])
@@ -321,7 +326,7 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    spec = prepare(out, args.steps)
+    spec = prepare(out, args.steps, args.seed)
     python = trl_python(Path(args.trl_venv).resolve()) if any(n.startswith("trl") for n in args.only) else None
     from rlhf.runtime.allocator import jemalloc_path
 
