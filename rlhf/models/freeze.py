@@ -9,9 +9,14 @@ import contextlib
 import torch
 
 
+def trunk_of(model) -> torch.nn.Module:
+    """The transformer trunk of a causal LM or sequence classifier (`model.model` for Llama), or the trunk itself."""
+    return getattr(model, model.base_model_prefix, model)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The stack of transformer blocks of a causal LM or sequence classifier (Llama/Mistral/Qwen `layers`, GPT `h`)."""
-    base = getattr(model, model.base_model_prefix, model)
+    base = trunk_of(model)
     for name in ("layers", "h", "blocks"):
         layers = getattr(base, name, None)
         if isinstance(layers, torch.nn.ModuleList):
@@ -65,20 +70,18 @@ def _frozen_and_equal(trained: torch.nn.Module, other: torch.nn.Module) -> bool:
     )
 
 
-def store_frozen_blocks_in(frozen_model, dtype: torch.dtype, keep=()) -> int:
+def store_frozen_blocks_in(frozen_model, dtype: torch.dtype, keep: torch.nn.Module) -> int:
     """Store the linear weights inside `frozen_model`'s blocks in `dtype` (bf16 for a frozen reference or reward model
     under bf16 autocast, which casts every linear layer's weight to bf16 before multiplying anyway: outputs are
-    unchanged, while memory and the per-forward casts are saved). Norms and embeddings keep their precision; blocks
-    in `keep` (shared with a model being trained) are left alone. Returns the parameters stored in `dtype`."""
-    kept = {id(m) for m in keep}
+    unchanged, while memory and the per-forward casts are saved). Norms and embeddings keep their precision; layers
+    whose weights are also `keep`'s (the model being trained that it shares blocks with) are left alone. Returns the
+    parameters stored in `dtype`."""
+    kept = {id(p) for p in keep.parameters()}
     done = 0
-    for layer in decoder_layers(frozen_model):
-        if id(layer) in kept:
-            continue
-        for m in layer.modules():
-            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
-                m.to(dtype)
-                done += sum(p.numel() for p in m.parameters())
+    for m in decoder_layers(frozen_model).modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in kept:
+            m.to(dtype)
+            done += sum(p.numel() for p in m.parameters())
     return done
 
 
@@ -100,7 +103,7 @@ def only_blocks(model, start: int, stop: int | None = None, final_norm: bool = T
     blocks [start:stop], and skips its final norm unless `final_norm`. So a forward with stop = k and no final norm
     returns what leaves block k − 1, and a forward of the blocks from k given that as `inputs_embeds` finishes the
     original forward: frozen blocks whose output is already known are not run again."""
-    base = getattr(model, model.base_model_prefix, model)
+    base = trunk_of(model)
     layers, norm = base.layers, base.norm
     base.layers = layers[start:stop]
     if not final_norm:
@@ -111,21 +114,32 @@ def only_blocks(model, start: int, stop: int | None = None, final_norm: bool = T
         base.layers, base.norm = layers, norm
 
 
-def replays_exactly(model, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids) -> bool:
+def bottom_output(model, depth: int, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The hidden states leaving `model`'s bottom `depth` blocks, (B, L, hidden)."""
+    with only_blocks(model, 0, depth, final_norm=False):
+        return trunk_of(model)(input_ids=input_ids, **kwargs).last_hidden_state
+
+
+def forward_from(model, input_ids: torch.Tensor, bottom: torch.Tensor | None, depth: int, **kwargs):
+    """`model`'s forward on `input_ids`; given `bottom` (`bottom_output` of its `depth` blocks for these rows), only
+    the blocks above run."""
+    if bottom is None:
+        return model(input_ids=input_ids, **kwargs)
+    with only_blocks(model, depth):
+        return model(inputs_embeds=bottom, **kwargs)
+
+
+def replays_exactly(model, depth: int, input_ids: torch.Tensor, **kwargs) -> bool:
     """Whether running `model` as its bottom `depth` blocks, then the rest from their output, gives bit-identical
     outputs on this batch. Decoders whose trunk embeds the tokens, loops over `layers` and ends in `norm` (Llama,
     Mistral, Qwen, SmolLM) do; an architecture that does more to `inputs_embeds` (adds positions, scales) does not,
     and then nothing is replayed."""
-    base = getattr(model, model.base_model_prefix, model)
+    base = trunk_of(model)
     if not isinstance(getattr(base, "layers", None), torch.nn.ModuleList) or not hasattr(base, "norm") or depth < 1:
         return False
-    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
     with torch.no_grad():
         full = model(input_ids=input_ids, **kwargs)
-        with only_blocks(model, 0, depth, final_norm=False):
-            hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
-        with only_blocks(model, depth):
-            replayed = model(inputs_embeds=hidden, **kwargs)
+        replayed = forward_from(model, input_ids, bottom_output(model, depth, input_ids, **kwargs), depth, **kwargs)
     key = "logits" if "logits" in full else "last_hidden_state"
     return torch.equal(full[key], replayed[key])
 

@@ -42,9 +42,10 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
 from rlhf.models.freeze import (
+    bottom_output,
     decoder_layers,
+    forward_from,
     frozen_depth,
-    only_blocks,
     release_file_map,
     replays_exactly,
     share_frozen_layers,
@@ -75,7 +76,6 @@ class PolicyAndValue(torch.nn.Module):
         self.value_model = value_model
         # frozen bottom blocks whose output is computed once per step and replayed into later forwards (0: none)
         self.policy_depth = self.value_depth = 0
-        self.reference_shares_bottom = False
 
     def value_parts(self):
         inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
@@ -85,26 +85,18 @@ class PolicyAndValue(torch.nn.Module):
         """The value of the state each response token follows (positions context−1 … L−2), (B, T) float32.
         `bottom`: what the value model's frozen bottom gives for these rows (`bottoms`), to start from."""
         trunk, head = self.value_parts()
-        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
-        if bottom is None:
-            hidden = trunk(input_ids=input_ids, **kwargs).last_hidden_state
-        else:
-            with only_blocks(trunk, self.value_depth):
-                hidden = trunk(inputs_embeds=bottom, **kwargs).last_hidden_state
-        return head(hidden[:, context - 1 : -1]).squeeze(-1).float()
+        out = forward_from(trunk, input_ids, bottom, self.value_depth, **forward_kwargs(attention_mask))
+        return head(out.last_hidden_state[:, context - 1 : -1]).squeeze(-1).float()
 
     def bottoms(self, input_ids, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The hidden states leaving the frozen bottom of the policy and of the value model (None where nothing is
         replayed): computed once per step, they stand in for those blocks in every later forward of the same rows."""
-        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
-        out = []
-        for model, depth in ((self.policy, self.policy_depth), (self.value_parts()[0], self.value_depth)):
-            if not depth:
-                out.append(None)
-                continue
-            with only_blocks(model, 0, depth, final_norm=False):
-                out.append(getattr(model, model.base_model_prefix, model)(input_ids=input_ids, **kwargs)[0])
-        return out[0], out[1]
+        kwargs = forward_kwargs(attention_mask)
+        policy, value = (
+            bottom_output(model, depth, input_ids, **kwargs) if depth else None
+            for model, depth in ((self.policy, self.policy_depth), (self.value_parts()[0], self.value_depth))
+        )
+        return policy, value
 
     def forward(self, input_ids, attention_mask, context: int, bottoms=(None, None)):
         """Response logits (B, T, V) of the policy and values (B, T), for rows of prompt (P = context) + response."""
@@ -118,12 +110,14 @@ def lm_response_logits(lm, input_ids, attention_mask, context: int, bottom=None,
     cost a fifth of a small model's FLOPs per token for nothing. With `bottom` (what `lm`'s `depth` frozen bottom
     blocks give for these rows) only the blocks above run."""
     t = input_ids.shape[1] - context
-    pos = position_ids(attention_mask)
-    kwargs = {"attention_mask": attention_mask, "position_ids": pos, "logits_to_keep": t + 1, "use_cache": False}
-    if bottom is None:
-        return lm(input_ids=input_ids, **kwargs).logits[:, :-1]
-    with only_blocks(lm, depth):
-        return lm(inputs_embeds=bottom, **kwargs).logits[:, :-1]
+    out = forward_from(lm, input_ids, bottom, depth, logits_to_keep=t + 1, **forward_kwargs(attention_mask))
+    return out.logits[:, :-1]
+
+
+def forward_kwargs(attention_mask: torch.Tensor) -> dict:
+    """What every PPO forward passes besides the tokens: explicit positions (padding never shifts them) and no KV
+    cache (nothing decodes after it)."""
+    return {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
 
 
 class PPOState:
@@ -223,8 +217,9 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocas
 
 
 @torch.no_grad()
-def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts) -> dict[str, torch.Tensor]:
-    """Log-probs under the policy (unless sampling gave them) and the reference, and values, in micro-batches."""
+def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool = False) -> dict[str, torch.Tensor]:
+    """Log-probs under the policy (unless sampling gave them) and the reference, and values, in micro-batches; and
+    the frozen bottoms' output, which the updates replay. `ref_replays`: the reference shares the policy's bottom."""
     unwrapped = st.accelerator.unwrap_model(model)
     out = {"logprobs": [], "ref_logprobs": [], "values": [], "bottom_policy": [], "bottom_value": []}
     for i in range(0, len(ro.texts), cfg.micro_batch_size):
@@ -239,10 +234,9 @@ def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts) -> dict[str, torc
             if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
                 with unwrapped.policy.disable_adapter():
                     ref_logits = lm_response_logits(unwrapped.policy, ids, mask, ro.context)
-            elif unwrapped.reference_shares_bottom:  # the policy's frozen bottom is the reference's too
-                ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, bottoms[0], unwrapped.policy_depth)
             else:
-                ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context)
+                ref_bottom = bottoms[0] if ref_replays else None
+                ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, ref_bottom, unwrapped.policy_depth)
             out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
         out["values"].append(values)
         for key, bottom in zip(("bottom_policy", "bottom_value"), bottoms, strict=True):
@@ -316,16 +310,15 @@ def load_models(cfg: PPOConfig, say):
     if not cfg.lora or (cfg.reference and cfg.reference != cfg.policy):
         ref_policy, _ = load_causal_lm(cfg.reference or cfg.policy)
         ref_policy.eval().requires_grad_(False)
-    shared, trained_blocks = 0, ()
+    shared = 0
+    pairs = [(f, t) for f, t in ((ref_policy, policy), (reward_model, value_model)) if f is not None]
     if cfg.trainable_layers is not None:  # the frozen bottom of policy and value model: one copy serves two models
-        shared += share_frozen_layers(ref_policy, policy) + share_frozen_layers(reward_model, value_model)
-        trained_blocks = (*decoder_layers(policy), *decoder_layers(value_model))
-    for frozen, trained in ((ref_policy, policy), (reward_model, value_model)):
-        if frozen is None or not (shared or cfg.mixed_precision == "bf16"):
-            continue
-        if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
-            store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained_blocks)
-        release_file_map(frozen, keep=trained)  # else the whole loaded file stays mapped for the rest
+        shared = sum(share_frozen_layers(frozen, trained) for frozen, trained in pairs)
+    if shared or cfg.mixed_precision == "bf16":
+        for frozen, trained in pairs:
+            if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
+                store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained)
+            release_file_map(frozen, keep=trained)  # else the whole loaded file stays mapped for the rest
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"
@@ -335,26 +328,28 @@ def load_models(cfg: PPOConfig, say):
     return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
 
 
-def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]], pad_id: int, device, say) -> None:
+def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]], pad_id: int, device, say) -> bool:
     """With --trainable-layers, the frozen bottom of the policy (and of the reference, which shares it) and of the
     value model gives the same output for the step's rollouts in every forward, so it runs once per step and its
     output is replayed (PPO would otherwise run it for the log-probs, the reference and every update epoch). Each
-    model replays only if splitting its forward there gives bit-identical outputs on a probe batch."""
+    model replays only if splitting its forward there gives bit-identical outputs on a probe batch. Sets the depths
+    on `pv`; returns whether the reference replays the policy's bottom (it holds the very same modules)."""
     ids, mask = (t.to(device) for t in pad_batch(probe, pad_id, side="left"))
-    pos = position_ids(mask)
+    kwargs = forward_kwargs(mask)
     for name, model in (("policy", pv.policy), ("value", pv.value_parts()[0])):
         depth = frozen_depth(model)
-        if depth and replays_exactly(model, depth, ids, mask, pos):
+        if depth and replays_exactly(model, depth, ids, **kwargs):
             setattr(pv, f"{name}_depth", depth)
-    depth = pv.policy_depth
+    depth, ref_replays = pv.policy_depth, False
     if depth and ref_policy is not None and ref_policy.get_input_embeddings() is pv.policy.get_input_embeddings():
         mine, theirs = decoder_layers(ref_policy)[:depth], decoder_layers(pv.policy)[:depth]
-        pv.reference_shares_bottom = len(mine) == depth and all(a is b for a, b in zip(mine, theirs, strict=True))
-        pv.reference_shares_bottom &= replays_exactly(ref_policy, depth, ids, mask, pos)
+        ref_replays = len(mine) == depth and all(a is b for a, b in zip(mine, theirs, strict=True))
+        ref_replays = ref_replays and replays_exactly(ref_policy, depth, ids, **kwargs)
     say(
         f"frozen bottom computed once per step and replayed: policy {pv.policy_depth} blocks"
-        f"{' (shared by the reference)' if pv.reference_shares_bottom else ''}, value model {pv.value_depth} blocks"
+        f"{' (shared by the reference)' if ref_replays else ''}, value model {pv.value_depth} blocks"
     )
+    return ref_replays
 
 
 def encode_prompts(cfg: PPOConfig, tokenizer, say):
@@ -420,11 +415,12 @@ def run(cfg: PPOConfig) -> Path:
     for m in (reward_model, ref_policy):
         if m is not None:
             m.to(device)
+    ref_replays = False
     if cfg.trainable_layers is not None:
         probe = [encoded[0][:24], encoded[-1][:12]]  # rows of two lengths, left-padded as rollouts are
         with accelerator.autocast():  # as every forward runs (frozen models may hold bf16 weights)
             pv = accelerator.unwrap_model(model)
-            replay_frozen_bottoms(pv, ref_policy, probe, tokenizer.pad_token_id, device, st.say)
+            ref_replays = replay_frozen_bottoms(pv, ref_policy, probe, tokenizer.pad_token_id, device, st.say)
     # rollouts come from a plain copy of the policy, refreshed every step, when that saves work: LoRA merged in
     # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights)
     sampler_copy = None
@@ -455,7 +451,7 @@ def run(cfg: PPOConfig) -> Path:
         t1 = time.perf_counter()
 
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
-        fwd = forward_rollouts(st, cfg, model, ref_policy, ro)
+        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays)
         rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)

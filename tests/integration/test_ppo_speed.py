@@ -124,7 +124,7 @@ def test_frozen_blocks_stored_in_bf16_give_the_same_outputs_under_bf16_autocast(
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         expected = reference(input_ids=ids).logits
-    stored = store_frozen_blocks_in(reference, torch.bfloat16, keep=policy.model.layers)
+    stored = store_frozen_blocks_in(reference, torch.bfloat16, keep=policy)
     assert stored == sum(p.numel() for p in reference.model.layers[1].parameters() if p.ndim == 2)
     assert reference.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
     assert reference.model.layers[1].input_layernorm.weight.dtype == torch.float32
@@ -145,14 +145,14 @@ def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
     for m in (policy, value_model):
         train_top_layers(m, 1)
     share_frozen_layers(reference, policy)
-    store_frozen_blocks_in(reference, torch.bfloat16, keep=policy.model.layers)
+    store_frozen_blocks_in(reference, torch.bfloat16, keep=policy)
     pv = PolicyAndValue(policy, value_model)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
     mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
     context = 5
     with torch.autocast("cpu", torch.bfloat16):
-        replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
-    assert pv.policy_depth == 1 and pv.value_depth == 1 and pv.reference_shares_bottom
+        ref_replays = replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
+    assert pv.policy_depth == 1 and pv.value_depth == 1 and ref_replays
 
     def run(replay: bool):
         pv.zero_grad(set_to_none=True)
