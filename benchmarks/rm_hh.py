@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--max-seq-len", type=int, default=320)
-    parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
+    parser.add_argument("--mixed-precision", default="auto", choices=["no", "bf16", "auto"])
     parser.add_argument("--out", default="runs/bench-rm-hh")
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args()
@@ -93,7 +93,9 @@ def main() -> None:
     for name, m in (("untrained head (before)", before), ("trained, 1 run", after)):
         lo, hi = wilson(m["heldout_accuracy"], n)
         print(f"| {name} | {len(train)} | {n} | {m['heldout_accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] |")
-    print(f"\nwall time {time.time() - t0:.0f} s ({args.mixed_precision}, max_seq_len {args.max_seq_len})")
+    print(
+        f"\nwall time {time.time() - t0:.0f} s (mixed precision {cfg.mixed_precision}, max_seq_len {args.max_seq_len})"
+    )
 
 
 if __name__ == "__main__":

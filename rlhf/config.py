@@ -62,8 +62,10 @@ class TrainConfig:
     """dropout on the LoRA input"""
     lora_target_modules: str = "all-linear"
     """modules that get adapters: `all-linear` or comma-separated names (q_proj,v_proj)"""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast with float32 master weights (faster on CPUs with AVX512-BF16 and on GPUs)"""
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"
+    """bf16 autocast with float32 master weights (faster on GPUs and on CPUs with bf16 instructions: AVX512-BF16,
+    AMX, Arm BF16; ~100× slower on CPUs without them); auto: bf16 where it is faster, else float32 (decided at the
+    start and recorded)"""
     seed: int = 0
     """seeds the data order, the held-out split and initialisation of new weights"""
     eval_every: int = 25

@@ -7,6 +7,10 @@ On a machine without a GPU, a multi-process launch (`accelerate launch --multi_g
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -18,3 +22,49 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+# CPU feature flags (Linux /proc/cpuinfo) that mean the CPU multiplies bf16 matrices natively: AVX512-BF16 and AMX on
+# x86 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later), the BF16 extension on Arm
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def native_bf16_in(cpuinfo: str) -> str | None:
+    """The flag in a /proc/cpuinfo text that says the CPU has bf16 matrix instructions, or None."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            found = NATIVE_BF16_FLAGS & set(value.split())
+            if found:
+                return sorted(found)[0]
+    return None
+
+
+@functools.cache
+def bf16_pays() -> tuple[bool, str]:
+    """Whether bf16 autocast speeds training up on this machine, and why. On a CPU without bf16 instructions the
+    matrix products fall back to a scalar loop: measured on an AVX2-only AMD EPYC, 0.85 GFLOP/s against float32's
+    110 (130× slower), which turns a 7-second PPO step into 4 minutes."""
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return True, f"{torch.cuda.get_device_name()} supports bf16"
+        return False, f"{torch.cuda.get_device_name()} does not support bf16"
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return False, f"no way to tell whether this {platform.machine()} CPU has bf16 instructions"
+    flag = native_bf16_in(info.read_text(errors="replace"))
+    if flag:
+        return True, f"this CPU has bf16 instructions ({flag})"
+    return False, "this CPU has no bf16 instructions (no avx512_bf16 / amx_bf16 flag): bf16 runs ~100× slower"
+
+
+def resolve_mixed_precision(requested: str) -> tuple[str, str | None]:
+    """`auto` → `bf16` where bf16 pays (`bf16_pays`), else `no`; other values stay. Also a line to tell the user:
+    what auto chose and why, or a warning when bf16 was asked for where it is slow."""
+    if requested == "auto":
+        pays, why = bf16_pays()
+        chosen = "bf16" if pays else "no"
+        return chosen, f"mixed precision auto: {'bf16' if pays else 'float32'} ({why})"
+    if requested == "bf16" and not bf16_pays()[0]:
+        return requested, f"warning: bf16 asked for, but {bf16_pays()[1]}; mixed_precision auto or no is faster here"
+    return requested, None

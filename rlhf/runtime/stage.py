@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint
-from rlhf.runtime.distributed import make_accelerator
+from rlhf.runtime.distributed import make_accelerator, resolve_mixed_precision
 from rlhf.runtime.run_folder import record_config
 from rlhf.runtime.schedule import make_scheduler
 from rlhf.runtime.seed import seed_everything
@@ -52,7 +52,12 @@ def begin(cfg, name: str) -> Stage | None:
 
     None when OUT/NAME/final is already complete."""
     cfg.validate()
+    # `auto` is decided here, once, and written into cfg: the recorded config and the checkpoints' fingerprint say
+    # what ran, and the stage reads the concrete value
+    cfg.mixed_precision, precision_note = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = make_accelerator(cfg.mixed_precision)
+    if precision_note:
+        accelerator.print(f"{name}: {precision_note}")
     stage_dir = Path(cfg.out) / name
     if is_complete(stage_dir):
         accelerator.print(f"{name}: {stage_dir / 'final'} is already complete; nothing to do")

@@ -63,6 +63,21 @@ def test_sft_learns_and_saves_a_plain_transformers_model(tmp_path, small_demos):
     assert "already complete" in again.stdout
 
 
+def test_auto_precision_is_decided_once_and_recorded(tmp_path, small_demos):
+    from rlhf.runtime.distributed import bf16_pays
+
+    out = tmp_path / "run"
+    proc = run_cli(
+        "sft", *TINY, "--data", str(small_demos), "--out", str(out), "--epochs", "1", "--eval-fraction", "0",
+        "--batch-size", "4", "--micro-batch-size", "4", "--mixed-precision", "auto",
+    )  # fmt: skip
+    expected = "bf16" if bf16_pays()[0] else "no"
+    assert "mixed precision auto: " in proc.stdout
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["sft"]["mixed_precision"] == expected
+
+
 def _weights(run):
     return load_file(run / "sft" / "final" / "model.safetensors")
 

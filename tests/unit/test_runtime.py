@@ -52,3 +52,27 @@ def test_schedule_warmup_then_decay():
     assert lr_lambda(10, 2, 10, "cosine") == pytest.approx(0.0)
     assert lr_lambda(6, 2, 10, "linear") == pytest.approx(0.5)
     assert lr_lambda(9, 2, 10, "constant") == 1.0
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from rlhf.runtime.distributed import native_bf16_in
+
+    avx2_epyc = "processor\t: 0\nflags\t\t: fpu sse sse2 avx f16c fma avx2 bmi2 vaes\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
+    assert native_bf16_in(avx2_epyc) is None
+    assert native_bf16_in(sapphire) == "amx_bf16"
+    assert native_bf16_in(graviton3) == "bf16"
+    assert native_bf16_in("model name\t: bf16 in a name is not a flag\n") is None
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_precision_picks_bf16_only_where_it_pays(monkeypatch, pays):
+    from rlhf.runtime import distributed
+
+    monkeypatch.setattr(distributed, "bf16_pays", lambda: (pays, "because"))
+    chosen, note = distributed.resolve_mixed_precision("auto")
+    assert chosen == ("bf16" if pays else "no") and "because" in note
+    assert distributed.resolve_mixed_precision("no") == ("no", None)
+    chosen, note = distributed.resolve_mixed_precision("bf16")
+    assert chosen == "bf16" and (note is None) == pays  # honoured, with a warning where it is slow
