@@ -9,8 +9,9 @@ Three runners, alternated `--rounds` times, each a fresh process (so its peak re
 - TRL: float32, full fine-tuning, in its own virtual environment (built here on first use, kept out of the
   project's dependencies);
 - ours, identical settings: the same float32 full fine-tuning;
-- ours, shipped settings: the PPO section of the `demo` preset that the main job runs (bf16 autocast, the top 10
-  of 30 layers trained, λ = 1, lr 1e-4, 2 PPO epochs), on the same work;
+- ours, shipped settings: the PPO section of the `demo` preset that the main job runs (mixed precision auto: bf16
+  autocast where the CPU has bf16 instructions, else float32; the top 10 of 30 layers trained, λ = 1, lr 1e-4,
+  2 PPO epochs), on the same work;
 - TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
   (rlhf/runtime/allocator.py), so this row shows how much of the difference is the allocator.
 Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
@@ -181,7 +182,12 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- measures
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained GFLOP/s of n×n matrix products in `dtype` on this CPU (all threads torch uses)."""
+    """Sustained GFLOP/s of n×n matrix products in `dtype` on this CPU (all threads torch uses). A CPU without bf16
+    instructions multiplies bf16 in a scalar loop (a 2048² product takes ~20 s): it is measured on 256² there."""
+    from rlhf.runtime.distributed import bf16_pays
+
+    if dtype == torch.bfloat16 and not bf16_pays()[0]:
+        n = 256
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         a @ b
@@ -287,7 +293,10 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
             f"{s['rss_gb']:.2f} | {s['median'] / trl['median']:.2f} | {s['rss_gb'] / trl['rss_gb']:.2f} | "
             f"{g:+.3f} ± {se:.3f} |"
         )
-    print(f"\nceiling: float32 {ceilings['no']:.0f} GFLOP/s, bfloat16 {ceilings['bf16']:.0f} GFLOP/s (matmul 2048²)")
+    from rlhf.runtime.distributed import bf16_pays
+
+    print(f"\nceiling: float32 {ceilings['no']:.0f} GFLOP/s, bfloat16 {ceilings['bf16']:.1f} GFLOP/s (matmul 2048²)")
+    print(f"bf16 autocast (mixed_precision auto): {'yes' if bf16_pays()[0] else 'no'}, {bf16_pays()[1]}")
     from transformers import AutoConfig
 
     fl = model_flops(AutoConfig.from_pretrained(spec["model"]))
