@@ -39,10 +39,12 @@ def train_top_layers(model, n: int) -> int:
 
 def share_frozen_layers(frozen_model, trained_model) -> int:
     """Point `frozen_model`'s input embeddings and bottom blocks at `trained_model`'s own modules wherever those are
-    frozen in `trained_model` and hold exactly the same weights (PPO's reference is the SFT model the policy starts
-    from; its reward model is where the value model starts). Training never changes them, so one copy in memory
-    serves both, and outputs stay bit-identical. A tied LM head follows the embeddings. Returns the parameters
-    shared (0 when the embeddings differ or are trained: then nothing is touched)."""
+    frozen in both and hold exactly the same weights (PPO's reference is the SFT model the policy starts from; its
+    reward model is where the value model starts; a value model started from the policy, or from a reward model
+    whose bottom was not trained, has the policy's bottom). Training never changes them, so one copy in memory
+    serves both, and outputs stay bit-identical. `frozen_model` may train its own top (a value model). A tied LM
+    head follows the embeddings. Returns the parameters shared (0 when the embeddings differ or are trained: then
+    nothing is touched)."""
     emb_t, emb_f = trained_model.get_input_embeddings(), frozen_model.get_input_embeddings()
     if not _frozen_and_equal(emb_t, emb_f):
         return 0
@@ -62,7 +64,7 @@ def share_frozen_layers(frozen_model, trained_model) -> int:
 
 
 def _frozen_and_equal(trained: torch.nn.Module, other: torch.nn.Module) -> bool:
-    if any(p.requires_grad for p in trained.parameters()):
+    if any(p.requires_grad for m in (trained, other) for p in m.parameters()):
         return False
     a, b = trained.state_dict(), other.state_dict()
     return a.keys() == b.keys() and all(

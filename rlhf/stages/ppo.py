@@ -76,6 +76,7 @@ class PolicyAndValue(torch.nn.Module):
         self.value_model = value_model
         # frozen bottom blocks whose output is computed once per step and replayed into later forwards (0: none)
         self.policy_depth = self.value_depth = 0
+        self.value_bottom_is_policys = False  # the value model's frozen bottom is the policy's (shared, same output)
 
     def value_parts(self):
         inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
@@ -92,9 +93,11 @@ class PolicyAndValue(torch.nn.Module):
         """The hidden states leaving the frozen bottom of the policy and of the value model (None where nothing is
         replayed): computed once per step, they stand in for those blocks in every later forward of the same rows."""
         kwargs = forward_kwargs(attention_mask)
-        policy, value = (
-            bottom_output(model, depth, input_ids, **kwargs) if depth else None
-            for model, depth in ((self.policy, self.policy_depth), (self.value_parts()[0], self.value_depth))
+        policy = bottom_output(self.policy, self.policy_depth, input_ids, **kwargs) if self.policy_depth else None
+        if self.value_bottom_is_policys:
+            return policy, policy
+        value = (
+            bottom_output(self.value_parts()[0], self.value_depth, input_ids, **kwargs) if self.value_depth else None
         )
         return policy, value
 
@@ -312,8 +315,11 @@ def load_models(cfg: PPOConfig, say):
         ref_policy.eval().requires_grad_(False)
     shared = 0
     pairs = [(f, t) for f, t in ((ref_policy, policy), (reward_model, value_model)) if f is not None]
-    if cfg.trainable_layers is not None:  # the frozen bottom of policy and value model: one copy serves two models
-        shared = sum(share_frozen_layers(frozen, trained) for frozen, trained in pairs)
+    if cfg.trainable_layers is not None:  # one copy of each frozen bottom, whichever models hold the same weights
+        shared = share_frozen_layers(value_model, policy)  # the value model's first: the reward model's then follow
+        if shared:
+            release_file_map(value_model, keep=policy)  # its own copy of the bottom is gone: let its file's map go
+        shared += sum(share_frozen_layers(frozen, trained) for frozen, trained in pairs)
     if shared or cfg.mixed_precision == "bf16":
         for frozen, trained in pairs:
             if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
@@ -340,16 +346,28 @@ def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]]
         depth = frozen_depth(model)
         if depth and replays_exactly(model, depth, ids, **kwargs):
             setattr(pv, f"{name}_depth", depth)
-    depth, ref_replays = pv.policy_depth, False
-    if depth and ref_policy is not None and ref_policy.get_input_embeddings() is pv.policy.get_input_embeddings():
-        mine, theirs = decoder_layers(ref_policy)[:depth], decoder_layers(pv.policy)[:depth]
-        ref_replays = len(mine) == depth and all(a is b for a, b in zip(mine, theirs, strict=True))
-        ref_replays = ref_replays and replays_exactly(ref_policy, depth, ids, **kwargs)
+    depth = pv.policy_depth
+    ref_replays = ref_policy is not None and holds_bottom_of(ref_policy, pv.policy, depth)
+    ref_replays = ref_replays and replays_exactly(ref_policy, depth, ids, **kwargs)
+    value_trunk = pv.value_parts()[0]
+    if depth and pv.value_depth == depth and holds_bottom_of(value_trunk, pv.policy, depth):
+        with torch.no_grad():  # one output serves both only if both trunks compute it alike
+            same = bottom_output(value_trunk, depth, ids, **kwargs)
+            pv.value_bottom_is_policys = torch.equal(same, bottom_output(pv.policy, depth, ids, **kwargs))
+    same = " (the policy's own: computed once for both)" if pv.value_bottom_is_policys else ""
     say(
         f"frozen bottom computed once per step and replayed: policy {pv.policy_depth} blocks"
-        f"{' (shared by the reference)' if ref_replays else ''}, value model {pv.value_depth} blocks"
+        f"{' (shared by the reference)' if ref_replays else ''}, value model {pv.value_depth} blocks{same}"
     )
     return ref_replays
+
+
+def holds_bottom_of(model, other, depth: int) -> bool:
+    """Whether `model`'s input embeddings and bottom `depth` blocks are `other`'s very modules (shared)."""
+    if not depth or model.get_input_embeddings() is not other.get_input_embeddings():
+        return False
+    mine, theirs = decoder_layers(model)[:depth], decoder_layers(other)[:depth]
+    return len(mine) == depth and all(a is b for a, b in zip(mine, theirs, strict=True))
 
 
 def encode_prompts(cfg: PPOConfig, tokenizer, say):

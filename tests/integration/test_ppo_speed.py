@@ -80,6 +80,7 @@ def test_frozen_bottom_is_shared_and_stays_what_it_was():
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
     reference, _ = load_causal_lm("tiny")
+    reference.requires_grad_(False)  # as PPO loads it
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
@@ -96,13 +97,15 @@ def test_frozen_bottom_is_shared_and_stays_what_it_was():
     with torch.no_grad():
         torch.testing.assert_close(reference(input_ids=ids).logits, expected, rtol=0, atol=0)
         assert (policy(input_ids=ids).logits - expected).abs().max() > 1e-3
-    # different weights, or trained embeddings: nothing is shared
-    assert share_frozen_layers(tiny_model(tok, seed=1), policy) == 0
+    # different weights, trained embeddings, or a model that trains what would be shared: nothing is shared
+    assert share_frozen_layers(tiny_model(tok, seed=1).requires_grad_(False), policy) == 0
     fresh, _ = load_causal_lm("tiny")
-    assert share_frozen_layers(load_causal_lm("tiny")[0], fresh) == 0
+    assert share_frozen_layers(load_causal_lm("tiny")[0].requires_grad_(False), fresh) == 0
+    assert share_frozen_layers(load_causal_lm("tiny")[0], policy) == 0
 
     value_model, _ = load_reward_model("tiny")
     reward_model, _ = load_reward_model("tiny")
+    reward_model.requires_grad_(False)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         scores = score(reward_model, ids, mask)
@@ -178,13 +181,60 @@ def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
     assert (logits.float() - plain[1].float()).abs().max() > 1e-3 and (values - plain[2]).abs().max() > 1e-3
 
 
+def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf.models.freeze import share_frozen_layers, train_top_layers
+    from rlhf.stages.ppo import PolicyAndValue, replay_frozen_bottoms
+
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm("tiny")
+    config = copy.deepcopy(policy.config)
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    value_model = LlamaForSequenceClassification(config)
+    value_model.model.load_state_dict(policy.model.state_dict())  # value_init policy
+    for m in (policy, value_model):
+        train_top_layers(m, 1)
+    separate = copy.deepcopy(PolicyAndValue(policy, value_model))
+    assert share_frozen_layers(value_model, policy) > 0
+    assert value_model.model.layers[0] is policy.model.layers[0]
+    assert value_model.get_input_embeddings() is policy.get_input_embeddings()
+    assert value_model.model.layers[1] is not policy.model.layers[1]  # its trained top stays its own
+    pv = PolicyAndValue(policy, value_model)
+    replay_frozen_bottoms(pv, None, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
+    assert pv.value_bottom_is_policys
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
+    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    with torch.no_grad():
+        bottoms = pv.bottoms(ids, mask)
+    assert bottoms[1] is bottoms[0]  # one forward of the shared blocks serves both models
+
+    def outputs_and_grads(model, bottoms):
+        model.zero_grad(set_to_none=True)
+        logits, values = model(ids, mask, 5, bottoms)
+        (logits.square().mean() + values.square().mean()).backward()
+        return logits, values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = outputs_and_grads(separate, (None, None)), outputs_and_grads(pv, bottoms)
+    for a, b in zip(expected[:2], got[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert expected[2].keys() == got[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
+    # a value model with other bottom weights shares nothing
+    other = LlamaForSequenceClassification(config)
+    train_top_layers(other, 1)
+    assert share_frozen_layers(other, policy) == 0
+
+
 def test_release_file_map_copies_all_but_the_shared_tensors():
     from rlhf.models.freeze import release_file_map, share_frozen_layers, train_top_layers
 
     policy, _ = load_causal_lm("tiny")
     reference, _ = load_causal_lm("tiny")
+    reference.requires_grad_(False)
     train_top_layers(policy, 1)
-    share_frozen_layers(reference, policy)
+    assert share_frozen_layers(reference, policy) > 0
     before = {n: (p.data_ptr(), p.detach().clone()) for n, p in reference.named_parameters()}
     release_file_map(reference, keep=policy)
     shared = {id(p) for p in policy.parameters()}
