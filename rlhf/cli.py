@@ -55,7 +55,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, config_flag: bool = T
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{docs.get(f.name, '')} (default: {default})",
+            help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"),  # argparse formats help with %
             **_flag_kwargs(hints[f.name]),
         )
 

@@ -29,3 +29,15 @@ def test_precedence_default_then_yaml_then_flags(tmp_path):
     args = build_parser().parse_args(["sft", "--config", str(tmp_path / "c.yaml"), "--epochs", "5", "--lora"])
     cfg = config_from_args(SFTConfig, args, "sft")
     assert (cfg.lr, cfg.epochs, cfg.lora, cfg.batch_size) == (0.001, 5.0, True, SFTConfig.batch_size)
+
+
+@pytest.mark.parametrize("stage", ["sft", "sample", "annotate", "filter", "rm", "ppo", "eval", "pipeline"])
+def test_help_of_every_stage_prints_every_field(stage, capsys):
+    # field docs are help text, which argparse %-formats: a doc saying "±20%" once crashed `rlhf ppo --help`
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([stage, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: " in out
+    if stage == "ppo":
+        assert "±20% of its error" in " ".join(out.split())
