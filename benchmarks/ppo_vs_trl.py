@@ -295,8 +295,10 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
         )
     from rlhf.runtime.distributed import bf16_pays
 
-    print(f"\nceiling: float32 {ceilings['no']:.0f} GFLOP/s, bfloat16 {ceilings['bf16']:.1f} GFLOP/s (matmul 2048²)")
-    print(f"bf16 autocast (mixed_precision auto): {'yes' if bf16_pays()[0] else 'no'}, {bf16_pays()[1]}")
+    pays, why = bf16_pays()
+    size = "2048²" if pays else "2048², bf16 256²"
+    print(f"\nceiling: float32 {ceilings['no']:.0f} GFLOP/s, bfloat16 {ceilings['bf16']:.1f} GFLOP/s (matmul {size})")
+    print(f"bf16 autocast (mixed_precision auto): {'yes' if pays else 'no'}, {why}")
     from transformers import AutoConfig
 
     fl = model_flops(AutoConfig.from_pretrained(spec["model"]))

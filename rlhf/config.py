@@ -301,8 +301,9 @@ class PPOConfig(TrainConfig):
     """prompts to roll out on (JSONL: id + prompt or messages)"""
     trainable_layers: int | None = None
     """train only the top N transformer layers of policy and value model (trlx's num_layers_unfrozen): the
-    backward pass stops below them, so updates cost much less on small hardware; the frozen bottom is kept once for
-    policy and reference (value and reward model) and its output computed once per step; None trains every layer"""
+    backward pass stops below them, so updates cost much less on small hardware; a frozen bottom that several of the
+    policy, reference, value and reward model hold with the same weights is kept once, and its output computed once
+    per step; None trains every layer"""
     gold: bool = False
     """also log the simulated panel's gold reward of the rollouts (its criteria need no model; evaluation only)"""
     epochs: float = 1.0

@@ -61,10 +61,12 @@ def bf16_pays() -> tuple[bool, str]:
 def resolve_mixed_precision(requested: str) -> tuple[str, str | None]:
     """`auto` → `bf16` where bf16 pays (`bf16_pays`), else `no`; other values stay. Also a line to tell the user:
     what auto chose and why, or a warning when bf16 was asked for where it is slow."""
+    if requested not in ("auto", "bf16"):
+        return requested, None
+    pays, why = bf16_pays()
     if requested == "auto":
-        pays, why = bf16_pays()
-        chosen = "bf16" if pays else "no"
-        return chosen, f"mixed precision auto: {'bf16' if pays else 'float32'} ({why})"
-    if requested == "bf16" and not bf16_pays()[0]:
-        return requested, f"warning: bf16 asked for, but {bf16_pays()[1]}; mixed_precision auto or no is faster here"
-    return requested, None
+        return ("bf16" if pays else "no"), f"mixed precision auto: {'bf16' if pays else 'float32'} ({why})"
+    return (
+        requested,
+        None if pays else f"warning: bf16 asked for, but {why}; mixed_precision auto or no is faster here",
+    )

@@ -243,11 +243,14 @@ def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool
             out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
         out["values"].append(values)
         for key, bottom in zip(("bottom_policy", "bottom_value"), bottoms, strict=True):
-            if bottom is not None:
+            if bottom is not None and not (key == "bottom_value" and unwrapped.value_bottom_is_policys):
                 out[key].append(bottom)
     if ro.logprobs is not None:
         out["logprobs"] = [ro.logprobs]
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    result = {k: torch.cat(v) for k, v in out.items() if v}
+    if unwrapped.value_bottom_is_policys:  # one tensor for both, not a second copy
+        result["bottom_value"] = result["bottom_policy"]
+    return result
 
 
 @torch.no_grad()

@@ -179,12 +179,16 @@ def test_ppo_with_lora_uses_the_base_as_reference_and_ptx(tiny_run, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path):
+@pytest.mark.parametrize("value_init", ["reward", "policy"])
+def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path, value_init):
     out = tmp_path / "top"
-    proc = run_cli(*ppo_args(tiny_run, out, "--trainable-layers", "1", "--mixed-precision", "bf16"))
+    extra = ("--trainable-layers", "1", "--mixed-precision", "bf16", "--value-init", value_init)
+    proc = run_cli(*ppo_args(tiny_run, out, *extra))
     assert "frozen parameters shared, not copied" in proc.stdout
-    # and that bottom runs once per step, replayed for the log-probs, the reference and every update
+    # and that bottom runs once per step, replayed for the log-probs, the reference and every update; a value model
+    # started from the policy holds the policy's very bottom, so one forward serves both
     assert "replayed: policy 1 blocks (shared by the reference), value model 1 blocks" in proc.stdout
+    assert ("(the policy's own: computed once for both)" in proc.stdout) == (value_init == "policy")
     # the reference shares the policy's bottom and still is the SFT model: the first rollouts have KL 0
     assert read_metrics(out, "kl")[0] == pytest.approx(0.0, abs=1e-4)
     sft = load_file(tiny_run[0] / "sft" / "final" / "model.safetensors")

@@ -227,6 +227,26 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
     assert share_frozen_layers(other, policy) == 0
 
 
+def test_ppo_loads_one_frozen_bottom_for_all_four_models_when_their_weights_agree(tmp_path):
+    """The stage's own wiring: a policy folder serving as the reward model too (a new head), value_init policy."""
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import PolicyAndValue, load_models, replay_frozen_bottoms
+
+    policy, tok = load_causal_lm("tiny")
+    policy.save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    folder = str(tmp_path / "sft")
+    cfg = PPOConfig(policy=folder, reward=folder, value_init="policy", trainable_layers=1, out=str(tmp_path / "run"))
+    policy, tok, reference, value_model, reward_model, _ = load_models(cfg, print)
+    embeddings, bottom = policy.get_input_embeddings(), policy.model.layers[0]
+    for other in (reference, value_model, reward_model):
+        assert other.get_input_embeddings() is embeddings and other.model.layers[0] is bottom
+    assert value_model.model.layers[1] is not policy.model.layers[1]  # the trained tops stay apart
+    pv = PolicyAndValue(policy, value_model)
+    replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
+    assert pv.value_bottom_is_policys
+
+
 def test_release_file_map_copies_all_but_the_shared_tensors():
     from rlhf.models.freeze import release_file_map, share_frozen_layers, train_top_layers
 

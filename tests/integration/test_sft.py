@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, read_metrics, run_cli
 from safetensors.torch import load_file
 
@@ -73,8 +74,6 @@ def test_auto_precision_is_decided_once_and_recorded(tmp_path, small_demos):
     )  # fmt: skip
     expected = "bf16" if bf16_pays()[0] else "no"
     assert "mixed precision auto: " in proc.stdout
-    import yaml
-
     assert yaml.safe_load((out / "config.yaml").read_text())["sft"]["mixed_precision"] == expected
 
 
