@@ -1,7 +1,18 @@
-"""Batched chat generation with left padding and the KV cache."""
+"""Batched chat generation with left padding and the KV cache.
+
+Sampling runs its own decoding loop over the model's forward (rather than `model.generate`): it draws each token
+by inverting the CDF with one uniform number per row (`torch.multinomial` draws an exponential variate for every
+vocabulary entry, 6 ms per token for 8 rows × 49k tokens on a CPU, a fifth of decoding a 135M model), keeps the
+sampling distribution's log-probabilities for PPO, and, on a CPU, multiplies by weights packed once per call in
+oneDNN's blocked layout (`packed_linears`), which decodes a 135M model 1.4× (bf16) to 1.9× (float32) faster than
+the plain products (benchmarks/ppo_vs_trl.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,26 +42,17 @@ class Generated:
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list, sampling: SamplingConfig, n: int = 1) -> list[Generated]:
     """`n` responses to each conversation, in one batch: [conv0 × n, conv1 × n, ...]."""
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
-    try:
-        texts = [render_prompt(tokenizer, c) for c in conversations]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    if sampling.temperature <= 0:
-        kwargs = {"do_sample": False}
-    else:
-        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-    ids = model.generate(
-        **enc,
-        max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=n,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
-    )
-    new = ids[:, enc["input_ids"].shape[1] :]  # (B·n, T_new), padded after EOS
+    prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
+    prompts = [p for p in prompts for _ in range(n)]
+    _, _, new = sample_responses(
+        model,
+        prompts,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        sampling.max_new_tokens,
+        sampling.temperature,
+        sampling.top_p,
+    )  # (B·n, T_new), padded after EOS
     is_eos = new == tokenizer.eos_token_id  # (B·n, T_new)
     finished = is_eos.any(dim=1)
     # tokens up to and including the first EOS; every token when there is none
@@ -87,32 +89,134 @@ def sample_responses(
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding: every response starts right after its prompt
         prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), 1
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=prompt_ids.to(model.device),
-        attention_mask=prompt_mask.to(model.device),
-        max_new_tokens=max_new_tokens,
-        **(sampling if temperature > 0 else {"do_sample": False}),
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        use_cache=True,
-        return_dict_in_generate=True,
-        output_logits=with_logprobs,
-    )
-    responses = out.sequences[:, width:].cpu()
+    model.eval()
+    with packed_linears(model, len(prompts)):
+        responses, logprobs = decode(
+            model, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs
+        )
     if not with_logprobs:
         return prompt_ids, prompt_mask, responses
-    # raw logits of every sampling step, before temperature: T × (B, V); one step at a time keeps memory at (B, V)
-    logprobs = torch.stack(
-        [
-            torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, responses[:, t, None].to(step.device))[
-                :, 0
-            ]
-            for t, step in enumerate(out.logits)
-        ],
-        dim=1,
-    ).cpu()  # (B, T), meaningless after a response's EOS
     return prompt_ids, prompt_mask, responses, logprobs
+
+
+def decode(model, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs):
+    """The decoding loop: one forward of the prompts into a KV cache, then one forward per new token.
+    Returns (responses (B, T) padded with pad_id after each row's EOS, logprobs (B, T) float32 or None)."""
+    device = model.device
+    mask = prompt_mask.to(device)  # (B, P + t): grows by one column per token
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding does not shift the positions of real tokens
+    cache_kwarg = "cache" if "cache" in inspect.signature(plain_forward(model)).parameters else "past_key_values"
+    out = model(
+        input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    cache = out.past_key_values
+    position = positions[:, -1:]  # (B, 1)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        token, logprob = next_token(logits, temperature, top_p, with_logprobs)
+        token = torch.where(done, torch.full_like(token, pad_id), token)  # (B,)
+        tokens.append(token)
+        logprobs.append(logprob)
+        done |= token == eos_id
+        if bool(done.all()) or len(tokens) == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        position = position + 1
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg: cache},
+        )
+        cache = out.past_key_values
+    responses = torch.stack(tokens, 1).cpu()  # (B, T)
+    return responses, (torch.stack(logprobs, 1).cpu() if with_logprobs else None)
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, with_logprobs: bool):
+    """One token per row from raw logits (B, V) float32: greedy at temperature 0, else drawn from
+    softmax(logits / temperature) restricted to the nucleus of mass top_p; (token (B,), its log-prob (B,) or None).
+
+    Drawn by inverting the CDF: the first token whose cumulative probability reaches u·total, u ~ U(0, 1]. A token
+    of probability 0 is never drawn (the CDF does not rise there). Plain version, one row:
+        probs = softmax(logits / temperature); return torch.multinomial(probs, 1)"""
+    if temperature <= 0:
+        return logits.argmax(-1), None
+    scaled = logits / temperature
+    probs = torch.softmax(scaled, -1)  # (B, V)
+    if top_p < 1:
+        # nucleus: keep a token if the tokens more probable than it hold less than top_p (the top one always)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # (B, V) in sorted order
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = 1.0 - torch.rand(len(probs), 1, device=probs.device)  # (B, 1) in (0, 1]
+    token = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp(max=probs.shape[1] - 1)  # (B,)
+    logprob = None
+    if with_logprobs:
+        logprob = (scaled.gather(1, token[:, None]) - torch.logsumexp(scaled, -1, keepdim=True)).squeeze(1)
+    return token, logprob
+
+
+def plain_forward(model):
+    """The forward of the transformers model inside a peft wrapper (its own takes **kwargs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.forward
+
+
+# ---------------------------------------------------------------------------------------------------- packed weights
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Within this block, every plain `nn.Linear` of `model` on a CPU multiplies by a copy of its weight packed in
+    oneDNN's blocked layout for `rows`-row inputs (the reorder the plain product repeats every call is done once).
+    Decoding a few rows at a time is bound by these thin products: float32 ones run 3× faster packed, bf16 ones
+    1.5× (8 × 576 × 1536 on an AVX512 CPU). The packed copies live for the block only (the weights may train
+    between calls) and cost what the weights do; outputs equal the plain products' to rounding. Nothing changes on
+    other devices, under autocast (which casts inside the plain product), or where `packing_works` fails."""
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE
+    ]
+    if not linears or torch.is_autocast_enabled("cpu") or not packing_works(linears[0].weight.dtype):
+        yield
+        return
+    try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+            bias = None if m.bias is None else m.bias.detach()
+            m.forward = functools.partial(packed_linear, packed, bias)  # an instance attribute shadows the class's
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
+PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@functools.cache
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build packs linear weights for oneDNN, and the packed product equals the plain one on a
+    probe (once per dtype)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((3, 5, 64), (48, 64), (48,)))
+    try:
+        y = packed_linear(torch.ops.mkldnn._reorder_linear_weight(w, 3), b, x)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return y.dtype == dtype and y.shape == expected.shape and torch.allclose(y.float(), expected, rtol=tol, atol=tol)
 
 
 def generate(model, tokenizer, conversations: list, sampling: SamplingConfig, seed: int | None = None) -> list[str]:
