@@ -11,6 +11,7 @@ Policy and value model are one module with one optimiser and one loss, as in N+ 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import time
@@ -101,9 +102,13 @@ class PolicyAndValue(torch.nn.Module):
         )
         return policy, value
 
+    def logits(self, input_ids, attention_mask, context: int, bottom=None) -> torch.Tensor:
+        """The policy's logits that predict the response tokens, (B, T, V) (`lm_response_logits`)."""
+        return lm_response_logits(self.policy, input_ids, attention_mask, context, bottom, self.policy_depth)
+
     def forward(self, input_ids, attention_mask, context: int, bottoms=(None, None)):
         """Response logits (B, T, V) of the policy and values (B, T), for rows of prompt (P = context) + response."""
-        logits = lm_response_logits(self.policy, input_ids, attention_mask, context, bottoms[0], self.policy_depth)
+        logits = self.logits(input_ids, attention_mask, context, bottoms[0])
         return logits, self.values(input_ids, attention_mask, context, bottoms[1])
 
 
@@ -550,6 +555,7 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
     """Step 6: ppo_epochs passes over the rollouts in shuffled minibatches; returns one stats dict per update."""
     accelerator, device = st.accelerator, st.accelerator.device
     model = opt.model
+    split = accelerator.num_processes == 1  # see backward_losses
     n = len(ro.texts)
     stats = []
     gen = torch.Generator().manual_seed(rollout_seed(cfg.seed + 1, step, accelerator.process_index))
@@ -563,21 +569,13 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
             for k, idx in enumerate(micro):
                 sync = k == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
-                    logits, values = model(ro.input_ids[idx], ro.attention_mask[idx], ro.context, bottoms)
-                    logprobs, resp_logits = response_logprobs(logits, ro.input_ids[idx], ro.context, cfg.temperature)
-                    mask = ro.response_mask[idx]
-                    pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
-                    vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    if cfg.entropy_coef:
-                        loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(resp_logits), mask)
-                    ptx_loss = torch.zeros((), device=device)
+                    ptx_of = None
                     if ptx:
-                        ptx_loss = ptx_batch_loss(model, ptx, cfg, step, epoch, m, k, accelerator)
-                        loss = loss + cfg.ptx_coef * ptx_loss
+                        ptx_of = functools.partial(ptx_batch_loss, model, ptx, cfg, step, epoch, m, k, accelerator)
                     # each micro-batch's loss is a mean over its tokens; average the micro-batches of the minibatch
-                    accelerator.backward(loss / len(micro))
+                    parts = (advantages, returns, idx, len(micro))
+                    losses, pg, vf = backward_losses(accelerator, model, cfg, ro, fwd, *parts, split, ptx_of)
+                    loss, pg_loss, vf_loss, ptx_loss = losses
                 sums += torch.tensor(
                     [
                         float(loss.detach()),
@@ -610,6 +608,41 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
             if sum(s["approx_kl"] for s in epoch_stats) / len(epoch_stats) > cfg.target_approx_kl:
                 break  # the policy moved far enough from the rollouts' policy for this step
     return stats
+
+
+def backward_losses(accelerator, model, cfg, ro, fwd, advantages, returns, idx, parts: int, split: bool, ptx=None):
+    """Forward and backward of one micro-batch (rows `idx`) of pg_loss + vf_coef · vf_loss (− the entropy bonus,
+    + ptx_coef · ptx(), the PPO-ptx loss), divided by `parts`. Returns (loss, pg_loss, vf_loss, ptx_loss), detached,
+    and the policy and value losses' statistics.
+
+    `split` (one process): the value model's loss is back-propagated before the policy's forward runs, so the two
+    models' activations are never held at once. The gradients are the same, since the two share no trainable
+    weight. Under DDP the wrapped module's one forward and one backward keep its gradient synchronisation."""
+    pv = accelerator.unwrap_model(model)
+    bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
+    ids, attention, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+    if split:
+        values = pv.values(ids, attention, ro.context, bottoms[1])
+        vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
+        accelerator.backward(cfg.vf_coef * vf_loss / parts)
+        logits = pv.logits(ids, attention, ro.context, bottoms[0])
+    else:
+        logits, values = model(ids, attention, ro.context, bottoms)
+        vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
+    logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
+    pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
+    policy_part = pg_loss
+    if cfg.entropy_coef:
+        policy_part = policy_part - cfg.entropy_coef * masked_mean(entropy_from_logits(resp_logits), mask)
+    ptx_loss = None
+    if ptx is not None:
+        ptx_loss = ptx()
+        policy_part = policy_part + cfg.ptx_coef * ptx_loss
+    del logits, resp_logits  # (B, T, V) each: not kept through the backward pass
+    accelerator.backward((policy_part if split else policy_part + cfg.vf_coef * vf_loss) / parts)
+    loss = policy_part.detach() + cfg.vf_coef * vf_loss.detach()
+    ptx_loss = torch.zeros((), device=loss.device) if ptx_loss is None else ptx_loss.detach()
+    return (loss, pg_loss.detach(), vf_loss.detach(), ptx_loss), pg, vf
 
 
 def ptx_batch_loss(model, ptx, cfg, step, epoch, m, k, accelerator) -> torch.Tensor:

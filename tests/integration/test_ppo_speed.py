@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
@@ -263,3 +264,41 @@ def test_release_file_map_copies_all_but_the_shared_tensors():
         assert (p.data_ptr() == ptr) == (id(p) in shared), n  # own tensors now live in fresh memory
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
     assert reference.lm_head.weight is policy.get_input_embeddings().weight  # ties kept
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_value_loss_backpropagated_first_gives_the_joint_gradients(entropy_coef):
+    """One process back-propagates the value loss before the policy's forward (half the activations held);
+    the gradients, and the losses reported, are the joint backward's (what DDP runs)."""
+    from accelerate import Accelerator
+
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import PolicyAndValue, Rollouts, backward_losses
+
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm("tiny")
+    value_model, _ = load_reward_model("tiny")
+    pv = PolicyAndValue(policy, value_model).eval()
+    b, p, t = 4, 5, 7
+    ids = torch.randint(5, 200, (b, p + t))
+    response_mask = torch.arange(t)[None, :] < torch.tensor([[7], [3], [5], [1]])
+    attention = torch.cat([torch.ones(b, p, dtype=torch.long), response_mask.long()], 1)
+    ro = Rollouts(ids, attention, response_mask, response_mask[:, -1], p, [""] * b, [""] * b, None)
+    fwd = {"logprobs": -torch.rand(b, t) * 3, "values": torch.randn(b, t)}
+    advantages, returns = torch.randn(b, t), torch.randn(b, t)
+    cfg = PPOConfig(policy="tiny", reward="tiny", prompts="x", entropy_coef=entropy_coef, vf_coef=0.3)
+    accelerator = Accelerator(cpu=True)
+
+    def run(split: bool):
+        pv.zero_grad(set_to_none=True)
+        losses, pg, vf = backward_losses(accelerator, pv, cfg, ro, fwd, advantages, returns, [0, 1, 2, 3], 2, split)
+        grads = {n: q.grad.clone() for n, q in pv.named_parameters() if q.grad is not None}
+        return losses, grads
+
+    (joint_losses, joint), (split_losses, split) = run(False), run(True)
+    assert joint.keys() == split.keys() == {n for n, q in pv.named_parameters() if q.requires_grad}
+    for name in joint:
+        torch.testing.assert_close(split[name], joint[name], rtol=0, atol=0, msg=name)
+    for a, c in zip(joint_losses, split_losses, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert any(n.startswith("value_model.") for n in joint) and any(n.startswith("policy.") for n in joint)
