@@ -1,0 +1,60 @@
+"""The lean backward of MLPs and norms computes what transformers' modules compute, keeping less (tiny model)."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf.models.lean import lean_backward
+from rlhf.models.load import load_causal_lm
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward of fn() (parameters not counted)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_backward_gives_the_same_outputs_and_gradients_and_keeps_less(autocast):
+    torch.manual_seed(0)
+    plain, _ = load_causal_lm("tiny")
+    lean = copy.deepcopy(plain)
+    assert lean_backward(lean) == 2 + 2 * 2 + 1  # 2 MLPs, 2 norms per block, the final norm
+    ids = torch.randint(5, 200, (3, 11))
+    results = []
+    for model in (plain, lean):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            logits, seen = saved_bytes(lambda m=model: m(input_ids=ids).logits)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = sum(n for ptr, n in seen.items() if ptr not in params)
+        logits.float().square().mean().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}, kept))
+    (logits_a, grads_a, kept_a), (logits_b, grads_b, kept_b) = results
+    torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)  # the forward is bit-identical
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        # float32: rounding only (the residual stream's gradients are summed in another order); bf16: what one
+        # rounding of a bf16 product more or less moves
+        tol = 1.5e-2 if autocast else 1e-5
+        torch.testing.assert_close(grads_b[name], g, rtol=tol, atol=tol * g.abs().max().item(), msg=name)
+    assert kept_b < 0.75 * kept_a
+
+
+def test_lean_backward_leaves_frozen_and_lora_modules_alone():
+    from rlhf.models.freeze import train_top_layers
+    from rlhf.models.lora import wrap_lora
+
+    policy, _ = load_causal_lm("tiny")
+    train_top_layers(policy, 1)
+    assert lean_backward(policy) == 1 + 2 + 1  # the top block's MLP and norms, the final norm
+    assert "forward" not in policy.model.layers[0].mlp.__dict__
+    with_lora = wrap_lora(load_causal_lm("tiny")[0], 4, 8, 0.0, "all-linear")
+    assert lean_backward(with_lora) == 0  # LoRA-wrapped projections keep their own forward; norms are frozen
