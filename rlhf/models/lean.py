@@ -69,6 +69,8 @@ class GatedMLP(torch.autograd.Function):
 
 
 def gated_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # nothing to keep: the module's own forward (its projections may be packed)
+        return type(mlp).forward(mlp, x)
     return GatedMLP.apply(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
 

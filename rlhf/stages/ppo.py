@@ -620,20 +620,17 @@ def backward_losses(accelerator, model, cfg, ro, fwd, advantages, returns, idx, 
     + ptx_coef · ptx(), the PPO-ptx loss), divided by `parts`. Returns (loss, pg_loss, vf_loss, ptx_loss), detached,
     and the policy and value losses' statistics.
 
-    `split` (one process): the value model's loss is back-propagated before the policy's forward runs, so the two
-    models' activations are never held at once. The gradients are the same, since the two share no trainable
-    weight. Under DDP the wrapped module's one forward and one backward keep its gradient synchronisation."""
+    `split` (one process): the policy's loss is back-propagated before the value model's forward runs, so the two
+    models' activations are never held at once (the policy's first: its LM head makes them the larger). The
+    gradients are the same, since the two share no trainable weight. Under DDP the wrapped module's one forward and
+    one backward keep its gradient synchronisation."""
     pv = accelerator.unwrap_model(model)
     bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
     ids, attention, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
     if split:
-        values = pv.values(ids, attention, ro.context, bottoms[1])
-        vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
-        accelerator.backward(cfg.vf_coef * vf_loss / parts)
         logits = pv.logits(ids, attention, ro.context, bottoms[0])
     else:
         logits, values = model(ids, attention, ro.context, bottoms)
-        vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
     logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
     pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
     policy_part = pg_loss
@@ -644,7 +641,11 @@ def backward_losses(accelerator, model, cfg, ro, fwd, advantages, returns, idx, 
         ptx_loss = ptx()
         policy_part = policy_part + cfg.ptx_coef * ptx_loss
     del logits, resp_logits  # (B, T, V) each: not kept through the backward pass
-    accelerator.backward((policy_part if split else policy_part + cfg.vf_coef * vf_loss) / parts)
+    if split:
+        accelerator.backward(policy_part / parts)
+        values = pv.values(ids, attention, ro.context, bottoms[1])
+    vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
+    accelerator.backward((cfg.vf_coef * vf_loss if split else policy_part + cfg.vf_coef * vf_loss) / parts)
     loss = policy_part.detach() + cfg.vf_coef * vf_loss.detach()
     ptx_loss = torch.zeros((), device=loss.device) if ptx_loss is None else ptx_loss.detach()
     return (loss, pg_loss.detach(), vf_loss.detach(), ptx_loss), pg, vf

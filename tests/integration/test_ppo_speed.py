@@ -267,8 +267,8 @@ def test_release_file_map_copies_all_but_the_shared_tensors():
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
-def test_value_loss_backpropagated_first_gives_the_joint_gradients(entropy_coef):
-    """One process back-propagates the value loss before the policy's forward (half the activations held);
+def test_policy_and_value_losses_backpropagated_apart_give_the_joint_gradients(entropy_coef):
+    """One process back-propagates the policy loss before the value model's forward (half the activations held);
     the gradients, and the losses reported, are the joint backward's (what DDP runs)."""
     from accelerate import Accelerator
 
