@@ -225,29 +225,56 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocas
     )
 
 
-@torch.no_grad()
-def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool = False) -> dict[str, torch.Tensor]:
+def first_update_reuses(cfg: PPOConfig, accelerator, logprobs_from_sampling: bool) -> str | None:
+    """Which model's scoring forward the first update can back-propagate instead of running it again: when that
+    update is one micro-batch of all the step's rollouts on one process, its forward is the scoring forward (same
+    weights, same rows). The policy's when scoring runs it (log-probs recomputed), else the value model's; one
+    only, so the two models' activations are still never held together. None: no reuse."""
+    one_pass = cfg.mini_batch_size == cfg.batch_size and cfg.micro_batch_size >= cfg.batch_size
+    if accelerator.num_processes > 1 or not one_pass:
+        return None
+    return "value" if logprobs_from_sampling else "policy"
+
+
+def forward_rollouts(
+    st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool = False, keep: str | None = None
+) -> dict[str, torch.Tensor]:
     """Log-probs under the policy (unless sampling gave them) and the reference, and values, in micro-batches; and
-    the frozen bottoms' output, which the updates replay. `ref_replays`: the reference shares the policy's bottom."""
+    the frozen bottoms' output, which the updates replay. `ref_replays`: the reference shares the policy's bottom.
+    `keep` ("policy" or "value", `first_update_reuses`): that model's forward records its graph, and its outputs
+    with the graph are returned under "kept" for the first update; everything else is detached."""
     unwrapped = st.accelerator.unwrap_model(model)
     out = {"logprobs": [], "ref_logprobs": [], "values": [], "bottom_policy": [], "bottom_value": []}
+    kept = {}
     for i in range(0, len(ro.texts), cfg.micro_batch_size):
         ids, mask = ro.input_ids[i : i + cfg.micro_batch_size], ro.attention_mask[i : i + cfg.micro_batch_size]
         with st.accelerator.autocast():
-            bottoms = unwrapped.bottoms(ids, mask)
+            with torch.no_grad():
+                bottoms = unwrapped.bottoms(ids, mask)
             if ro.logprobs is None:
-                logits, values = unwrapped(ids, mask, ro.context, bottoms)
-                out["logprobs"].append(response_logprobs(logits, ids, ro.context, cfg.temperature)[0])
-            else:
+                with torch.set_grad_enabled(keep == "policy"):
+                    logits = unwrapped.logits(ids, mask, ro.context, bottoms[0])
+                    logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
+                    if keep == "policy":
+                        kept["logprobs"] = logprobs
+                        if cfg.entropy_coef:
+                            kept["entropy"] = entropy_from_logits(resp_logits)
+                    del logits, resp_logits
+                out["logprobs"].append(logprobs.detach())
+            with torch.set_grad_enabled(keep == "value"):
                 values = unwrapped.values(ids, mask, ro.context, bottoms[1])
-            if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
-                with unwrapped.policy.disable_adapter():
-                    ref_logits = lm_response_logits(unwrapped.policy, ids, mask, ro.context)
-            else:
-                ref_bottom = bottoms[0] if ref_replays else None
-                ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, ref_bottom, unwrapped.policy_depth)
-            out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
-        out["values"].append(values)
+            if keep == "value":
+                kept["values"] = values
+            out["values"].append(values.detach())
+            with torch.no_grad():
+                if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
+                    with unwrapped.policy.disable_adapter():
+                        ref_logits = lm_response_logits(unwrapped.policy, ids, mask, ro.context)
+                else:
+                    ref_bottom = bottoms[0] if ref_replays else None
+                    depth = unwrapped.policy_depth
+                    ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, ref_bottom, depth)
+                out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
         for key, bottom in zip(("bottom_policy", "bottom_value"), bottoms, strict=True):
             if bottom is not None and not (key == "bottom_value" and unwrapped.value_bottom_is_policys):
                 out[key].append(bottom)
@@ -256,6 +283,8 @@ def forward_rollouts(st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool
     result = {k: torch.cat(v) for k, v in out.items() if v}
     if unwrapped.value_bottom_is_policys:  # one tensor for both, not a second copy
         result["bottom_value"] = result["bottom_policy"]
+    if kept:
+        result["kept"] = kept
     return result
 
 
@@ -482,7 +511,8 @@ def run(cfg: PPOConfig) -> Path:
         t1 = time.perf_counter()
 
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
-        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays)
+        keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
+        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep)
         rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
@@ -579,7 +609,8 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
                         ptx_of = functools.partial(ptx_batch_loss, model, ptx, cfg, step, epoch, m, k, accelerator)
                     # each micro-batch's loss is a mean over its tokens; average the micro-batches of the minibatch
                     parts = (advantages, returns, idx, len(micro))
-                    losses, pg, vf = backward_losses(accelerator, model, cfg, ro, fwd, *parts, split, ptx_of)
+                    kept = fwd.pop("kept", None)  # the scoring forward, for the very first micro-batch only
+                    losses, pg, vf = backward_losses(accelerator, model, cfg, ro, fwd, *parts, split, ptx_of, kept)
                     loss, pg_loss, vf_loss, ptx_loss = losses
                 sums += torch.tensor(
                     [
@@ -615,38 +646,66 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
     return stats
 
 
-def backward_losses(accelerator, model, cfg, ro, fwd, advantages, returns, idx, parts: int, split: bool, ptx=None):
+def backward_losses(
+    accelerator, model, cfg, ro, fwd, advantages, returns, idx, parts: int, split: bool, ptx=None, kept=None
+):
     """Forward and backward of one micro-batch (rows `idx`) of pg_loss + vf_coef · vf_loss (− the entropy bonus,
     + ptx_coef · ptx(), the PPO-ptx loss), divided by `parts`. Returns (loss, pg_loss, vf_loss, ptx_loss), detached,
     and the policy and value losses' statistics.
 
-    `split` (one process): the policy's loss is back-propagated before the value model's forward runs, so the two
-    models' activations are never held at once (the policy's first: its LM head makes them the larger). The
-    gradients are the same, since the two share no trainable weight. Under DDP the wrapped module's one forward and
-    one backward keep its gradient synchronisation."""
+    `split` (one process): one model's loss is back-propagated before the other model's forward runs, so the two
+    models' activations are never held at once (the policy's first, its LM head making them the larger; the value
+    model's first when its forward is `kept` from scoring). The gradients are the same, since the two share no
+    trainable weight. Under DDP the wrapped module's one forward and one backward keep its gradient
+    synchronisation. `kept`: outputs of the scoring forward with their graph, for all rows (`forward_rollouts`),
+    used instead of running that forward again."""
     pv = accelerator.unwrap_model(model)
+    kept = kept or {}
     bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
     ids, attention, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
-    if split:
-        logits = pv.logits(ids, attention, ro.context, bottoms[0])
-    else:
+    values = logits = None
+    if not split:
         logits, values = model(ids, attention, ro.context, bottoms)
-    logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
-    pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
-    policy_part = pg_loss
-    if cfg.entropy_coef:
-        policy_part = policy_part - cfg.entropy_coef * masked_mean(entropy_from_logits(resp_logits), mask)
-    ptx_loss = None
-    if ptx is not None:
-        ptx_loss = ptx()
-        policy_part = policy_part + cfg.ptx_coef * ptx_loss
-    del logits, resp_logits  # (B, T, V) each: not kept through the backward pass
-    if split:
-        accelerator.backward(policy_part / parts)
-        values = pv.values(ids, attention, ro.context, bottoms[1])
-    vf_loss, vf = value_loss(values, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
-    accelerator.backward((cfg.vf_coef * vf_loss if split else policy_part + cfg.vf_coef * vf_loss) / parts)
-    loss = policy_part.detach() + cfg.vf_coef * vf_loss.detach()
+
+    def value_part():
+        v = kept["values"][idx] if "values" in kept else values
+        if v is None:
+            v = pv.values(ids, attention, ro.context, bottoms[1])
+        return value_loss(v, fwd["values"][idx], returns[idx], mask, cfg.cliprange_value)
+
+    def policy_part():
+        if "logprobs" in kept:
+            logprobs, entropy = kept["logprobs"][idx], kept["entropy"][idx] if "entropy" in kept else None
+        else:
+            out = logits if logits is not None else pv.logits(ids, attention, ro.context, bottoms[0])
+            logprobs, resp_logits = response_logprobs(out, ids, ro.context, cfg.temperature)
+            entropy = entropy_from_logits(resp_logits) if cfg.entropy_coef else None
+            del out, resp_logits  # (B, T, V) each: not kept through the backward pass
+        pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
+        total = pg_loss
+        if cfg.entropy_coef:
+            total = total - cfg.entropy_coef * masked_mean(entropy, mask)
+        ptx_loss = ptx() if ptx is not None else None
+        if ptx_loss is not None:
+            total = total + cfg.ptx_coef * ptx_loss
+        return total, pg_loss, pg, ptx_loss
+
+    if split and "values" in kept:
+        vf_loss, vf = value_part()
+        accelerator.backward(cfg.vf_coef * vf_loss / parts)
+        total, pg_loss, pg, ptx_loss = policy_part()
+        accelerator.backward(total / parts)
+    elif split:
+        total, pg_loss, pg, ptx_loss = policy_part()
+        accelerator.backward(total / parts)
+        vf_loss, vf = value_part()
+        accelerator.backward(cfg.vf_coef * vf_loss / parts)
+    else:
+        total, pg_loss, pg, ptx_loss = policy_part()
+        vf_loss, vf = value_part()
+        del logits
+        accelerator.backward((total + cfg.vf_coef * vf_loss) / parts)
+    loss = total.detach() + cfg.vf_coef * vf_loss.detach()
     ptx_loss = torch.zeros((), device=loss.device) if ptx_loss is None else ptx_loss.detach()
     return (loss, pg_loss.detach(), vf_loss.detach(), ptx_loss), pg, vf
 

@@ -302,3 +302,55 @@ def test_policy_and_value_losses_backpropagated_apart_give_the_joint_gradients(e
     for a, c in zip(joint_losses, split_losses, strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
     assert any(n.startswith("value_model.") for n in joint) and any(n.startswith("policy.") for n in joint)
+
+
+@pytest.mark.parametrize("rollout_logprobs", ["forward", "sampling"])
+def test_first_update_reusing_the_scoring_forward_trains_what_a_second_forward_would(
+    tmp_path, monkeypatch, rollout_logprobs
+):
+    """With one micro-batch per update on one process, the first update back-propagates the scoring forward of
+    the policy (log-probs recomputed) or of the value model (log-probs from sampling) instead of running it again."""
+    from rlhf.config import PPOConfig
+    from rlhf.stages import ppo
+
+    calls = {"values": 0, "logits": 0}
+    for name in calls:
+        original = getattr(ppo.PolicyAndValue, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ppo.PolicyAndValue, name, counted)
+
+    def train(out, reuse: bool):
+        if not reuse:
+            monkeypatch.setattr(ppo, "first_update_reuses", lambda *a: None)
+        cfg = PPOConfig(
+            policy="tiny",
+            reward="tiny",
+            prompts="examples/prompts.jsonl",
+            out=str(out),
+            epochs=0.06,  # 3 steps of 4 of the 200 prompts
+            batch_size=4,
+            mini_batch_size=4,
+            micro_batch_size=4,
+            ppo_epochs=2,
+            max_new_tokens=8,
+            rollout_logprobs=rollout_logprobs,
+            mixed_precision="no",
+            progress=False,
+        )
+        for k in calls:
+            calls[k] = 0
+        final = ppo.run(cfg)
+        return load_causal_lm(str(final))[0].state_dict(), dict(calls)
+
+    reused, reused_calls = train(tmp_path / "reuse", True)
+    again, again_calls = train(tmp_path / "again", False)
+    steps = 3
+    model = "logits" if rollout_logprobs == "forward" else "values"
+    assert again_calls[model] - reused_calls[model] == steps  # one forward fewer per step: really reused
+    for k in again:
+        torch.testing.assert_close(reused[k], again[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(again[k], v) for k, v in load_causal_lm("tiny")[0].state_dict().items())  # trained
