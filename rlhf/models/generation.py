@@ -109,7 +109,7 @@ def decode(model, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, tempe
     out = model(
         input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
-    cache = out.past_key_values
+    cache = out[cache_kwarg]  # transformers 5 names it `cache`, 4 `past_key_values`
     position = positions[:, -1:]  # (B, 1)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
@@ -131,7 +131,7 @@ def decode(model, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, tempe
             use_cache=True,
             **{cache_kwarg: cache},
         )
-        cache = out.past_key_values
+        cache = out[cache_kwarg]
     responses = torch.stack(tokens, 1).cpu()  # (B, T)
     return responses, (torch.stack(logprobs, 1).cpu() if with_logprobs else None)
 
