@@ -8,6 +8,7 @@ On a machine without a GPU, a multi-process launch (`accelerate launch --multi_g
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -70,3 +71,19 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str | None]:
         requested,
         None if pays else f"warning: bf16 asked for, but {why}; mixed_precision auto or no is faster here",
     )
+
+
+GQA_FLAG = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def native_gqa_attention(device: torch.device) -> bool:
+    """On a CPU, let transformers' SDPA attention hand grouped key/value heads to torch as they are
+    (`enable_gqa`) instead of repeating them to one per query head, which it does whenever a padding mask is given
+    because some CUDA kernels need that. Torch's CPU kernel takes the mask and the groups together: outputs are
+    bit-identical (tested), and a training forward of the embedded model keeps 63 MB less per 720 tokens (its 9
+    query heads share 3 key/value heads). Sets the flag transformers reads unless the user set it; returns whether
+    it is on."""
+    if device.type != "cpu" or tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        return False  # enable_gqa came with torch 2.5
+    os.environ.setdefault(GQA_FLAG, "1")
+    return os.environ[GQA_FLAG] == "1"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf.runtime.checkpoint import is_complete, resume_point, save_checkpoint
-from rlhf.runtime.distributed import make_accelerator, resolve_mixed_precision
+from rlhf.runtime.distributed import make_accelerator, native_gqa_attention, resolve_mixed_precision
 from rlhf.runtime.run_folder import record_config
 from rlhf.runtime.schedule import make_scheduler
 from rlhf.runtime.seed import seed_everything
@@ -56,6 +56,7 @@ def begin(cfg, name: str) -> Stage | None:
     # what ran, and the stage reads the concrete value
     cfg.mixed_precision, precision_note = resolve_mixed_precision(cfg.mixed_precision)
     accelerator = make_accelerator(cfg.mixed_precision)
+    native_gqa_attention(accelerator.device)
     if precision_note:
         accelerator.print(f"{name}: {precision_note}")
     stage_dir = Path(cfg.out) / name

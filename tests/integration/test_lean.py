@@ -58,3 +58,33 @@ def test_lean_backward_leaves_frozen_and_lora_modules_alone():
     assert "forward" not in policy.model.layers[0].mlp.__dict__
     with_lora = wrap_lora(load_causal_lm("tiny")[0], 4, 8, 0.0, "all-linear")
     assert lean_backward(with_lora) == 0  # LoRA-wrapped projections keep their own forward; norms are frozen
+
+
+def test_grouped_kv_heads_handed_to_sdpa_as_they_are_give_the_same_logits_and_gradients(monkeypatch):
+    """`native_gqa_attention`: on a CPU, SDPA with enable_gqa and a padding mask computes what repeating the key/value
+    heads does, and keeps less for the backward."""
+    from rlhf.runtime.distributed import GQA_FLAG, native_gqa_attention
+
+    policy, _ = load_causal_lm("tiny")  # 4 query heads share 2 key/value heads
+    ids = torch.randint(5, 200, (3, 11))
+    mask = (torch.arange(11) >= torch.tensor([[3], [0], [6]])).long()  # left padding: a mask is given
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv(GQA_FLAG, flag)
+        policy.zero_grad()
+        logits, seen = saved_bytes(
+            lambda: policy(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        )
+        logits.square().mean().backward()
+        params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+        kept = sum(n for ptr, n in seen.items() if ptr not in params)
+        results.append((logits, {n: p.grad.clone() for n, p in policy.named_parameters()}, kept))
+    (repeated, grads_r, kept_r), (grouped, grads_g, kept_g) = results
+    torch.testing.assert_close(grouped, repeated, rtol=0, atol=0)
+    for name in grads_r:
+        torch.testing.assert_close(grads_g[name], grads_r[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert kept_g < kept_r
+    monkeypatch.delenv(GQA_FLAG)
+    assert native_gqa_attention(torch.device("cpu")) == (torch.__version__ >= "2.5")
+    assert not native_gqa_attention(torch.device("meta"))
