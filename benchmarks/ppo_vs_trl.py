@@ -4,16 +4,22 @@
 
 The work: the embedded SmolLM2-135M-Instruct as policy, reference, reward and value model (the reward and value
 models are its trunk with one seeded scalar head); the same 8 prompts every step; responses of at most 32 tokens
-(stopped at EOS); 1 PPO epoch of 1 minibatch; TRL's defaults for the rest (lr 3e-6, temperature 0.7, β 0.05).
+(stopped at EOS), sampled at temperature 0.7; the reward is the reward model's score, with no penalty for a
+response that never emits EOS (TRL's `missing_eos_penalty=None`); 1 PPO epoch of 1 minibatch; TRL's defaults for
+the rest (lr 3e-6, β 0.05). Temperature and reward define the task (the reward gained is measured at that
+temperature, by that reward), so every runner gets them; the rest is how each trains.
 Three runners, alternated `--rounds` times, each a fresh process (so its peak resident memory is its own):
 - TRL: float32, full fine-tuning, in its own virtual environment (built here on first use, kept out of the
   project's dependencies);
 - ours, identical settings: the same float32 full fine-tuning;
 - ours, shipped settings: the PPO section of the `demo` preset that the main job runs (mixed precision auto: bf16
   autocast where the CPU has bf16 instructions, else float32; the top 10 of 30 layers trained, λ = 1, lr 1e-4,
-  2 PPO epochs), on the same work;
-- TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
-  (rlhf/runtime/allocator.py), so this row shows how much of the difference is the allocator.
+  β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward of −1 for an answer cut at the length limit,
+  would change the reward: at 32 tokens most answers are cut, and the run would learn to stop early, not to please
+  the reward model);
+- TRL again under jemalloc as `rlhf` runs (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has
+  it, keeping freed pages (rlhf/runtime/allocator.py), so this row shows how much of the difference is the
+  allocator.
 Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
 answer the 8 prompts 32 times each (same seeds) and the reward model scores them: the reward gained, ± its standard
 error over the paired answers.
@@ -38,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = ["trl==1.12.0", "datasets"]
 WORK = {"batch_size": 8, "max_new_tokens": 32, "lr": 3e-6, "temperature": 0.7, "kl_coef": 0.05, "seed": 0}
+TASK = {"temperature": WORK["temperature"], "eos_penalty": None}  # what the reward is, for every runner
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -134,17 +141,16 @@ def ours_config(spec: dict, variant: str, out: Path):
         shipped = load_yaml(ROOT / "rlhf" / "presets" / "demo.yaml")["ppo"]
         shipped = {k: v for k, v in shipped.items() if k not in ("epochs", "save_every")}
         batch = {"batch_size": spec["batch_size"], "mini_batch_size": spec["batch_size"], "micro_batch_size": 8}
-        return PPOConfig(**{**work, **shipped, **batch, "max_new_tokens": spec["max_new_tokens"]})
+        return PPOConfig(**{**work, **shipped, **batch, **TASK, "max_new_tokens": spec["max_new_tokens"]})
     # TRL's settings: 1 epoch of 1 minibatch, float32, all weights, TRL's defaults for the rest
     return PPOConfig(
         **work,
         mini_batch_size=spec["batch_size"],
         micro_batch_size=spec["batch_size"],
         ppo_epochs=1,
+        **TASK,
         lr=spec["lr"],
-        temperature=spec["temperature"],
         kl_coef=spec["kl_coef"],
-        eos_penalty=None,
         schedule="linear",
         warmup_ratio=0.0,
         mixed_precision="no",
@@ -341,9 +347,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = prepare(out, args.steps, args.seed)
     python = trl_python(Path(args.trl_venv).resolve()) if any(n.startswith("trl") for n in args.only) else None
-    from rlhf.runtime.allocator import jemalloc_path
+    from rlhf.runtime.allocator import KEEP_FREED_PAGES, jemalloc_path
 
-    jemalloc_env = {**os.environ, "LD_PRELOAD": jemalloc_path() or ""}
+    jemalloc_env = {**os.environ, "LD_PRELOAD": jemalloc_path() or "", "MALLOC_CONF": KEEP_FREED_PAGES}
     commands = {
         "trl": lambda d: [
             str(python),

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.models.attention import use_small_attention
 from rlhf.models.tiny import CHATML_TEMPLATE
 
 EMBEDDED_NAMES = ("embedded", "default")
@@ -52,19 +53,23 @@ def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
 def load_causal_lm(
     name: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `name`; the tokenizer always has a pad token and a chat template."""
+    """(model, tokenizer) for `name`; the tokenizer always has a pad token and a chat template. Attention runs as
+    `small_attention` (plain products where they beat SDPA's kernel on a CPU)."""
     path = resolve(name)
     tokenizer = load_tokenizer(path)
     if path == TINY:
         from rlhf.models.tiny import tiny_model
 
-        return tiny_model(tokenizer).to(dtype), tokenizer
+        model = tiny_model(tokenizer).to(dtype)
+        use_small_attention(model)
+        return model, tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found(path, e)) from e
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    use_small_attention(model)
     return model, tokenizer
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
+from rlhf.models.attention import use_small_attention
 from rlhf.models.load import TINY, ModelLoadError, load_tokenizer, resolve
 
 PAD = "<|pad|>"
@@ -52,6 +53,7 @@ def load_reward_model(name: str | None, dtype: torch.dtype = torch.float32):
     if grew:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    use_small_attention(model)  # plain products where they beat SDPA's kernel on a CPU (rlhf/models/attention.py)
     return model.to(dtype), tokenizer
 
 

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from rlhf.models.generation import next_token, packed_linears, packing_works, sample_responses
+from rlhf.models.generation import (
+    CDF_BLOCK,
+    inverse_cdf,
+    next_token,
+    packed_linears,
+    packing_works,
+    sample_responses,
+)
 from rlhf.models.load import load_causal_lm
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]  # different lengths: left padding
@@ -65,6 +72,23 @@ def test_sampled_tokens_follow_the_temperature_softmax():
     assert freq[4] == 0  # probability 0 is never drawn
     assert (freq - expected).abs().max() < 0.01  # 3.5 standard errors at N = 20k
     torch.testing.assert_close(logprob, expected.log()[token])
+
+
+@pytest.mark.parametrize("vocab", [CDF_BLOCK * 3, 1000, 7])
+def test_inverse_cdf_in_blocks_draws_what_one_cumulative_sum_does(vocab):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, vocab, generator=gen, dtype=torch.float64) ** 4 + 1e-3
+    probs[:, ::5] = 0  # zeros inside blocks
+    probs[:32, : min(CDF_BLOCK, vocab - 1)] = 0  # and a whole block of them in half the rows
+    u = 1.0 - torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    cdf = probs.cumsum(-1)
+    plain = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    assert torch.equal(inverse_cdf(probs, u), plain)
+    # u = 1 (the largest draw): the last token that has probability, never a zero after it (in float32, where
+    # the sums in two orders round apart, a token with probability all the same)
+    last = inverse_cdf(probs, torch.ones(64, 1, dtype=torch.float64))
+    assert (last == vocab - 1 - probs.flip(-1).ne(0).int().argmax(-1)).all()
+    assert (probs[torch.arange(64), inverse_cdf(probs.float(), torch.ones(64, 1))] > 0).all()
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():

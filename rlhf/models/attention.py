@@ -1,0 +1,82 @@
+"""Attention for the short bf16 sequences of RLHF on a CPU: plain matrix products instead of torch's fused kernel.
+
+Torch's CPU SDPA kernel (flash attention) is built for long sequences. For the shapes of a PPO step of a small
+model under bf16 autocast (8 rows × 90 tokens, 9 query heads over 3 key/value heads, head size 64) its forward
+takes 2.6 ms a layer and forward + backward 13 ms, where the plain products take 1.6 ms and 4.8 ms: a fifth of a
+PPO update's time went to it (benchmarks/ppo_vs_trl.py). So `rlhf` models use `small_attention`, which runs the
+plain products where they pay, and transformers' own SDPA attention everywhere else: float32 (where the fused
+kernel is as fast), decoding one token at a time (likewise), a GPU, and long sequences (from about 250 tokens at
+8 rows the fused kernel is faster, and the score matrix, kept for the backward pass, grows with the square of the
+length).
+
+Registered with transformers under the name `ATTENTION` (`use_small_attention`); saved models do not record it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "rlhf_small"
+MAX_SCORES = 1 << 22
+"""the largest score matrix (rows × heads × queries × keys) computed by plain products, 4M scores (8 rows × 9 heads
+× 240 × 240 tokens; 17 MB of float32 probabilities kept for the backward pass); bigger ones go to SDPA"""
+
+
+def small_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention interface: query (B, H, Tq, D), key and value (B, Hkv, Tk, D), the boolean mask SDPA
+    gets ((B, 1, Tq, Tk), True = attend) or None; returns ((B, Tq, H, D), None).
+
+    The plain version, one query head h of group size g = H / Hkv (transformers' eager attention):
+        scores = query[:, h] @ key[:, h // g].T * scaling, masked, softmax in float32, @ value[:, h // g]
+    Here the g query heads of each key/value head are stacked into one product, so grouped keys and values are
+    never repeated; and the probabilities multiply the values in float32 (rounding them to bf16 first, as eager
+    attention does, made the gradients of a bf16 forward 1.3× further from float32's than the fused kernel's;
+    this is 1.15×). Masked scores get float32's lowest value rather than −inf, so a row with nothing to attend to
+    (a left-padding position) averages instead of giving NaN; its output is never read."""
+    b, h, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (
+        query.device.type != "cpu"
+        or query.dtype not in (torch.bfloat16, torch.float16)
+        or tq == 1
+        or b * h * tq * tk > MAX_SCORES
+        or dropout
+        or (attention_mask is None and causal and tq != tk)
+        or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    g = h // hkv
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, hkv, g * tq, d)  # query heads h = j·g … j·g + g − 1 read key/value head j
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hkv, g, tq, tk).float() * scaling  # (B, Hkv, g, Tq, Tk)
+    lowest = torch.finfo(torch.float32).min
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :, None], lowest)
+        else:  # an additive mask
+            scores = scores + attention_mask[:, :, None].float()
+    elif causal:  # tq == tk: the plain causal mask
+        future = torch.ones(tq, tk, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, lowest)
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, g * tq, tk)  # float32
+    with torch.autocast(query.device.type, enabled=False):  # autocast would multiply in bf16
+        out = torch.matmul(probs, value.float()).to(value.dtype).view(b, h, tq, d)  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, small_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_small_attention(model) -> bool:
+    """Switch a transformers model that uses SDPA attention to `small_attention` (the same masks; the same results
+    to rounding, and SDPA itself wherever the plain products do not pay); other attention implementations (eager,
+    flash attention on a GPU) are left alone. Returns whether it switched."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(ATTENTION)
+    return True
