@@ -17,9 +17,8 @@ Three runners, alternated `--rounds` times, each a fresh process (so its peak re
   β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward of −1 for an answer cut at the length limit,
   would change the reward: at 32 tokens most answers are cut, and the run would learn to stop early, not to please
   the reward model);
-- TRL again under jemalloc as `rlhf` runs (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has
-  it, keeping freed pages (rlhf/runtime/allocator.py), so this row shows how much of the difference is the
-  allocator.
+- TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
+  (rlhf/runtime/allocator.py), so this row shows how much of the difference is the allocator.
 Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
 answer the 8 prompts 32 times each (same seeds) and the reward model scores them: the reward gained, ± its standard
 error over the paired answers.
@@ -347,9 +346,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = prepare(out, args.steps, args.seed)
     python = trl_python(Path(args.trl_venv).resolve()) if any(n.startswith("trl") for n in args.only) else None
-    from rlhf.runtime.allocator import KEEP_FREED_PAGES, jemalloc_path
+    from rlhf.runtime.allocator import jemalloc_path
 
-    jemalloc_env = {**os.environ, "LD_PRELOAD": jemalloc_path() or "", "MALLOC_CONF": KEEP_FREED_PAGES}
+    jemalloc_env = {**os.environ, "LD_PRELOAD": jemalloc_path() or ""}
     commands = {
         "trl": lambda d: [
             str(python),

@@ -53,11 +53,17 @@ from rlhf.models.freeze import (
     store_frozen_blocks_in,
     train_top_layers,
 )
-from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
+from rlhf.models.generation import (
+    inference_copy,
+    refresh_inference_copy,
+    release_inference_copy,
+    sample_responses,
+)
 from rlhf.models.lean import lean_backward
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.reward import load_reward_model, pad_batch, position_ids, score
+from rlhf.runtime.allocator import keep_freed_pages
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
@@ -507,13 +513,17 @@ def run(cfg: PPOConfig) -> Path:
         if sampler_copy is not None:
             refresh_inference_copy(sampler_copy, sampler)
             sampler = sampler_copy
-        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
+        with keep_freed_pages():  # sampling allocates a KV cache and logits per token (rlhf/runtime/allocator.py)
+            ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
+        if sampler_copy is not None:
+            release_inference_copy(sampler_copy)  # its memory serves the update until the next rollout
         t1 = time.perf_counter()
 
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
         keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
-        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep)
-        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
+        with keep_freed_pages():
+            fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep)
+            rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
         )

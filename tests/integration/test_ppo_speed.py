@@ -5,7 +5,12 @@ import copy
 import pytest
 import torch
 
-from rlhf.models.generation import inference_copy, refresh_inference_copy, sample_responses
+from rlhf.models.generation import (
+    inference_copy,
+    refresh_inference_copy,
+    release_inference_copy,
+    sample_responses,
+)
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.reward import load_reward_model, score
@@ -58,6 +63,24 @@ def test_inference_copy_is_the_policy_with_lora_merged():
     with torch.no_grad():
         p_low = torch.softmax(low(input_ids=ids).logits.float(), -1)
     assert (p_low - torch.softmax(expected, -1)).abs().max() < 0.02
+
+
+def test_inference_copy_holds_weights_only_between_refresh_and_release():
+    policy, _ = load_causal_lm("tiny")
+    sampler = inference_copy(policy, torch.bfloat16)
+    assert all(p.numel() == 0 for p in sampler.parameters())  # nothing held until the first refresh
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    outputs = []
+    for _ in range(2):
+        refresh_inference_copy(sampler, policy)
+        for (name, p), (_, q) in zip(sampler.named_parameters(), policy.named_parameters(), strict=True):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, q.to(torch.bfloat16)), name
+        with torch.no_grad():
+            outputs.append(sampler(input_ids=ids).logits)
+        release_inference_copy(sampler)
+        assert all(p.numel() == 0 for p in sampler.parameters())
+    assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # still tied
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_value_model_with_adapters_off_is_the_reward_model():
