@@ -52,6 +52,7 @@ from rlhf.models.freeze import (
     share_frozen_layers,
     store_frozen_blocks_in,
     train_top_layers,
+    trunk_of,
 )
 from rlhf.models.generation import (
     inference_copy,
@@ -243,20 +244,30 @@ def first_update_reuses(cfg: PPOConfig, accelerator, logprobs_from_sampling: boo
 
 
 def forward_rollouts(
-    st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool = False, keep: str | None = None
+    st, cfg, model, ref_policy, ro: Rollouts, ref_replays: bool = False, keep: str | None = None, rm_eos=None
 ) -> dict[str, torch.Tensor]:
     """Log-probs under the policy (unless sampling gave them) and the reference, and values, in micro-batches; and
     the frozen bottoms' output, which the updates replay. `ref_replays`: the reference shares the policy's bottom.
     `keep` ("policy" or "value", `first_update_reuses`): that model's forward records its graph, and its outputs
-    with the graph are returned under "kept" for the first update; everything else is detached."""
+    with the graph are returned under "kept" for the first update; everything else is detached. `rm_eos` (the
+    EOS id, when the reward model holds the value model's bottom, `replay_frozen_bottoms`): the bottoms run on the
+    rows with one more column, EOS after each response that was cut (`with_eos_column`), and the value model's
+    is also returned whole as "bottom_rm" for `reward_scores`; the other forwards read the rows' own columns."""
     unwrapped = st.accelerator.unwrap_model(model)
-    out = {"logprobs": [], "ref_logprobs": [], "values": [], "bottom_policy": [], "bottom_value": []}
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "bottom_policy": [], "bottom_value": [], "bottom_rm": []}
     kept = {}
     for i in range(0, len(ro.texts), cfg.micro_batch_size):
         ids, mask = ro.input_ids[i : i + cfg.micro_batch_size], ro.attention_mask[i : i + cfg.micro_batch_size]
         with st.accelerator.autocast():
             with torch.no_grad():
-                bottoms = unwrapped.bottoms(ids, mask)
+                if rm_eos is None:
+                    bottoms = unwrapped.bottoms(ids, mask)
+                else:  # causal: the extra column changes nothing before it
+                    finished = ro.finished[i : i + cfg.micro_batch_size]
+                    bottoms = unwrapped.bottoms(*with_eos_column(ids, mask, finished, rm_eos))
+                    out["bottom_rm"].append(bottoms[1])
+                    own = {id(b): b[:, :-1].contiguous() for b in bottoms if b is not None}  # one for a shared one
+                    bottoms = tuple(own[id(b)] if b is not None else None for b in bottoms)
             if ro.logprobs is None:
                 with torch.set_grad_enabled(keep == "policy"):
                     logits = unwrapped.logits(ids, mask, ro.context, bottoms[0])
@@ -295,24 +306,59 @@ def forward_rollouts(
 
 
 @torch.no_grad()
-def reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro: Rollouts, model) -> torch.Tensor:
+def reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro: Rollouts, model, fwd=None, rm_depth=0):
     """The reward model's score of each response, (B,). The text is re-tokenised with the reward model's tokenizer
     exactly as it was in reward-model training, so any reward model scores any policy. reward_model None: the
-    value model's LoRA adapters switched off are the reward model (it started as a copy of it)."""
+    value model's LoRA adapters switched off are the reward model (it started as a copy of it).
+
+    With fwd["bottom_rm"] (`forward_rollouts`; the reward model holds the value model's bottom `rm_depth` blocks),
+    a row whose re-tokenised sequence is the rollout's own tokens (plus the EOS a cut response is scored with) is
+    scored by the reward model's blocks above that bottom, on the rollout's padding: its 20 bottom blocks of 30 are
+    not run again. The score is the same up to float rounding (other padding, other summation order); rows that
+    re-tokenise differently run the whole reward model as before."""
     demos = [Demonstration(pid, messages[pid], text) for pid, text in zip(ro.prompt_ids, ro.texts, strict=True)]
     sequences = response_sequences(rm_tokenizer, demos, cfg.max_seq_len)
+    device = st.accelerator.device
+    scores = torch.zeros(len(sequences), device=device)
+    rest = list(range(len(sequences)))
+    if fwd is not None and "bottom_rm" in fwd:
+        ids, mask = with_eos_column(ro.input_ids, ro.attention_mask, ro.finished, rm_tokenizer.eos_token_id)
+        same = [i for i in rest if sequences[i] == ids[i][mask[i].bool()].tolist()]
+        rest = [i for i in rest if i not in same]
+        for k in range(0, len(same), cfg.micro_batch_size):
+            rows = same[k : k + cfg.micro_batch_size]
+            with st.accelerator.autocast():
+                scores[rows] = score_from_bottom(reward_model, fwd["bottom_rm"][rows], mask[rows], rm_depth)
     value_model = st.accelerator.unwrap_model(model).value_model
-    scores = []
-    for i in range(0, len(sequences), cfg.micro_batch_size):
-        ids, mask = pad_batch(sequences[i : i + cfg.micro_batch_size], rm_tokenizer.pad_token_id)
-        ids, mask = ids.to(st.accelerator.device), mask.to(st.accelerator.device)
+    for k in range(0, len(rest), cfg.micro_batch_size):
+        rows = rest[k : k + cfg.micro_batch_size]
+        ids, mask = pad_batch([sequences[i] for i in rows], rm_tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         with st.accelerator.autocast():
             if reward_model is None:
                 with value_model.disable_adapter():
-                    scores.append(score(value_model, ids, mask))
+                    scores[rows] = score(value_model, ids, mask)
             else:
-                scores.append(score(reward_model, ids, mask))
-    return torch.cat(scores)
+                scores[rows] = score(reward_model, ids, mask)
+    return scores
+
+
+def with_eos_column(ids: torch.Tensor, mask: torch.Tensor, finished: torch.Tensor, eos_id: int):
+    """Rollout rows (B, L) with one more column: EOS after each response that did not finish (it ran to the last
+    column, as the longest response sets L), which is where the reward model reads a cut response; padding after
+    the others. Returns (ids, attention_mask), (B, L + 1)."""
+    ids = torch.cat([ids, torch.full_like(ids[:, :1], eos_id)], 1)
+    mask = torch.cat([mask, (~finished).long()[:, None].to(mask.dtype)], 1)
+    return ids, mask
+
+
+def score_from_bottom(reward_model, bottom: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+    """The reward model's score of each row, (B,), from `bottom` (what its bottom `depth` blocks give for these
+    rows, (B, L, hidden)), read at each row's last real token."""
+    trunk = trunk_of(reward_model)
+    hidden = forward_from(trunk, None, bottom, depth, **forward_kwargs(attention_mask)).last_hidden_state
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+    return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()
 
 
 def gold_rewards(messages, ro: Rollouts) -> torch.Tensor:
@@ -382,12 +428,15 @@ def load_models(cfg: PPOConfig, say):
     return policy, tokenizer, ref_policy, value_model, reward_model, rm_tokenizer
 
 
-def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]], pad_id: int, device, say) -> bool:
+def replay_frozen_bottoms(
+    pv: PolicyAndValue, ref_policy, probe: list[list[int]], pad_id: int, device, say, reward_model=None
+) -> tuple[bool, bool]:
     """With --trainable-layers, the frozen bottom of the policy (and of the reference, which shares it) and of the
     value model gives the same output for the step's rollouts in every forward, so it runs once per step and its
     output is replayed (PPO would otherwise run it for the log-probs, the reference and every update epoch). Each
     model replays only if splitting its forward there gives bit-identical outputs on a probe batch. Sets the depths
-    on `pv`; returns whether the reference replays the policy's bottom (it holds the very same modules)."""
+    on `pv`; returns whether the reference replays the policy's bottom and whether the reward model replays the
+    value model's (each holds the very same modules)."""
     ids, mask = (t.to(device) for t in pad_batch(probe, pad_id, side="left"))
     kwargs = forward_kwargs(mask)
     for name, model in (("policy", pv.policy), ("value", pv.value_parts()[0])):
@@ -398,6 +447,8 @@ def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]]
     ref_replays = ref_policy is not None and holds_bottom_of(ref_policy, pv.policy, depth)
     ref_replays = ref_replays and replays_exactly(ref_policy, depth, ids, **kwargs)
     value_trunk = pv.value_parts()[0]
+    rm_replays = reward_model is not None and holds_bottom_of(reward_model, value_trunk, pv.value_depth)
+    rm_replays = rm_replays and replays_exactly(trunk_of(reward_model), pv.value_depth, ids, **kwargs)
     if depth and pv.value_depth == depth and holds_bottom_of(value_trunk, pv.policy, depth):
         with torch.no_grad():  # one output serves both only if both trunks compute it alike
             same = bottom_output(value_trunk, depth, ids, **kwargs)
@@ -406,8 +457,9 @@ def replay_frozen_bottoms(pv: PolicyAndValue, ref_policy, probe: list[list[int]]
     say(
         f"frozen bottom computed once per step and replayed: policy {pv.policy_depth} blocks"
         f"{' (shared by the reference)' if ref_replays else ''}, value model {pv.value_depth} blocks{same}"
+        f"{' (shared by the reward model)' if rm_replays else ''}"
     )
-    return ref_replays
+    return ref_replays, rm_replays
 
 
 def holds_bottom_of(model, other, depth: int) -> bool:
@@ -481,12 +533,15 @@ def run(cfg: PPOConfig) -> Path:
     for m in (reward_model, ref_policy):
         if m is not None:
             m.to(device)
-    ref_replays = False
+    ref_replays = rm_replays = False
     if cfg.trainable_layers is not None:
         probe = [encoded[0][:24], encoded[-1][:12]]  # rows of two lengths, left-padded as rollouts are
         with accelerator.autocast():  # as every forward runs (frozen models may hold bf16 weights)
             pv = accelerator.unwrap_model(model)
-            ref_replays = replay_frozen_bottoms(pv, ref_policy, probe, tokenizer.pad_token_id, device, st.say)
+            ref_replays, rm_replays = replay_frozen_bottoms(
+                pv, ref_policy, probe, tokenizer.pad_token_id, device, st.say, reward_model
+            )
+    rm_eos = rm_tokenizer.eos_token_id if rm_replays else None
     # rollouts come from a plain copy of the policy, refreshed every step, when that saves work: LoRA merged in
     # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights)
     sampler_copy = None
@@ -522,8 +577,10 @@ def run(cfg: PPOConfig) -> Path:
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
         keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
         with keep_freed_pages():
-            fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep)
-            rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model)
+            fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep, rm_eos)
+            rm_depth = accelerator.unwrap_model(model).value_depth
+            rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model, fwd, rm_depth)
+            fwd.pop("bottom_rm", None)  # the updates replay the rows' own columns
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
         )

@@ -178,7 +178,7 @@ def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
     mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
     context = 5
     with torch.autocast("cpu", torch.bfloat16):
-        ref_replays = replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
+        ref_replays, _ = replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
     assert pv.policy_depth == 1 and pv.value_depth == 1 and ref_replays
 
     def run(replay: bool):
@@ -269,6 +269,73 @@ def test_ppo_loads_one_frozen_bottom_for_all_four_models_when_their_weights_agre
     pv = PolicyAndValue(policy, value_model)
     replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
     assert pv.value_bottom_is_policys
+
+
+def test_reward_model_holding_the_value_models_bottom_scores_from_it_what_it_scores_whole(tmp_path, monkeypatch):
+    """`reward_scores` with the value model's bottom (and an EOS column for cut responses): the scores of the whole
+    reward model on the re-tokenised text, without running its bottom for the rows whose tokens are the rollout's."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from rlhf.config import PPOConfig
+    from rlhf.data.chat import encode_prompt
+    from rlhf.stages import ppo
+
+    policy, tok = load_causal_lm("tiny")
+    policy.save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    folder = str(tmp_path / "sft")
+    cfg = PPOConfig(policy=folder, reward=folder, prompts="x", trainable_layers=1, micro_batch_size=2, out="x")
+    policy, tok, reference, value_model, reward_model, rm_tok = ppo.load_models(cfg, print)
+    pv = ppo.PolicyAndValue(policy, value_model).eval()
+    ref_replays, rm_replays = ppo.replay_frozen_bottoms(
+        pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print, reward_model
+    )
+    assert ref_replays and rm_replays and pv.value_depth == 1
+    with torch.no_grad():  # a reward model that is not the value model's twin above the bottom
+        for p_ in reward_model.parameters():
+            if p_ is not reward_model.get_input_embeddings().weight and p_ not in set(
+                reward_model.model.layers[0].parameters()
+            ):
+                p_.add_(torch.randn_like(p_) * 0.2)
+    messages = {
+        "a": [{"role": "user", "content": "Say hi"}],
+        "b": [{"role": "user", "content": "Count to three, slowly"}],
+    }
+    # (prompt, response text, finished): a finished answer, a cut one, and one whose text re-tokenises otherwise
+    rows = [("a", "Hi there!", True), ("b", "One, two, thr", False), ("a", "Hello", True), ("b", " padded", True)]
+    prompts = [encode_prompt(tok, messages[pid]) for pid, _, _ in rows]
+    responses = [
+        tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if done else [])
+        for _, text, done in rows
+    ]
+    context, width = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.full((4, context + width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (p_ids, r_ids) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, context - len(p_ids) : context + len(r_ids)] = torch.tensor(p_ids + r_ids)
+        mask[i, context - len(p_ids) : context + len(r_ids)] = 1
+    response_mask = mask[:, context:].bool()
+    finished = torch.tensor([done for _, _, done in rows])
+    texts = [text.strip() for _, text, _ in rows]  # as `rollout` decodes them: row 3 loses its leading space
+    ro = ppo.Rollouts(ids, mask, response_mask, finished, context, texts, [pid for pid, _, _ in rows], None)
+    st = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    whole = ppo.reward_scores(st, cfg, reward_model, rm_tok, messages, ro, pv)
+    fwd = ppo.forward_rollouts(st, cfg, pv, reference, ro, ref_replays, None, rm_tok.eos_token_id)
+    assert fwd["bottom_rm"].shape[1] == ids.shape[1] + 1 and fwd["bottom_policy"].shape[1] == ids.shape[1]
+    scored_whole = []
+    monkeypatch.setattr(
+        ppo, "score", lambda model, ids, mask: scored_whole.append(len(ids)) or score(model, ids, mask)
+    )
+    replayed = ppo.reward_scores(st, cfg, reward_model, rm_tok, messages, ro, pv, fwd, pv.value_depth)
+    assert scored_whole == [1]  # only the row whose text re-tokenises differently ran the whole reward model
+    torch.testing.assert_close(replayed, whole, rtol=1e-5, atol=1e-5)
+    assert whole.std() > 0.01  # the rows really differ: a mix-up of rows would show
+    # and the updates still replay the rows' own columns: the same values as without the EOS column
+    plain = ppo.forward_rollouts(st, cfg, pv, reference, ro, ref_replays, None)
+    for key in ("values", "ref_logprobs", "logprobs"):
+        torch.testing.assert_close(fwd[key], plain[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
 def test_release_file_map_copies_all_but_the_shared_tensors():
