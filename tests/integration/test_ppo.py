@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from rlhf.config import PPOConfig
 from rlhf.models.load import load_causal_lm
+from rlhf.models.policy_value import PolicyAndValue
 from rlhf.models.reward import load_reward_model
-from rlhf.stages.ppo import PolicyAndValue, response_logprobs
+from rlhf.stages.ppo import response_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from rlhf.models.generation import (
 )
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
+from rlhf.models.policy_value import lm_response_logits
 from rlhf.models.reward import load_reward_model, score
-from rlhf.stages.ppo import lm_response_logits, response_logprobs
+from rlhf.stages.ppo import response_logprobs
 
 
 def perturbed_lora(model, task_type="CAUSAL_LM"):
@@ -162,7 +163,7 @@ def test_frozen_blocks_stored_in_bf16_give_the_same_outputs_under_bf16_autocast(
 
 def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
     from rlhf.models.freeze import share_frozen_layers, store_frozen_blocks_in, train_top_layers
-    from rlhf.stages.ppo import PolicyAndValue, replay_frozen_bottoms
+    from rlhf.models.policy_value import PolicyAndValue, replay_frozen_bottoms
 
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
@@ -209,7 +210,7 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
     from transformers import LlamaForSequenceClassification
 
     from rlhf.models.freeze import share_frozen_layers, train_top_layers
-    from rlhf.stages.ppo import PolicyAndValue, replay_frozen_bottoms
+    from rlhf.models.policy_value import PolicyAndValue, replay_frozen_bottoms
 
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
@@ -254,7 +255,7 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
 def test_ppo_loads_one_frozen_bottom_for_all_four_models_when_their_weights_agree(tmp_path):
     """The stage's own wiring: a policy folder serving as the reward model too (a new head), value_init policy."""
     from rlhf.config import PPOConfig
-    from rlhf.stages.ppo import PolicyAndValue, load_models, replay_frozen_bottoms
+    from rlhf.models.policy_value import PolicyAndValue, load_models, replay_frozen_bottoms
 
     policy, tok = load_causal_lm("tiny")
     policy.save_pretrained(tmp_path / "sft")
@@ -280,6 +281,7 @@ def test_reward_model_holding_the_value_models_bottom_scores_from_it_what_it_sco
 
     from rlhf.config import PPOConfig
     from rlhf.data.chat import encode_prompt
+    from rlhf.models import policy_value
     from rlhf.stages import ppo
 
     policy, tok = load_causal_lm("tiny")
@@ -287,9 +289,9 @@ def test_reward_model_holding_the_value_models_bottom_scores_from_it_what_it_sco
     tok.save_pretrained(tmp_path / "sft")
     folder = str(tmp_path / "sft")
     cfg = PPOConfig(policy=folder, reward=folder, prompts="x", trainable_layers=1, micro_batch_size=2, out="x")
-    policy, tok, reference, value_model, reward_model, rm_tok = ppo.load_models(cfg, print)
-    pv = ppo.PolicyAndValue(policy, value_model).eval()
-    ref_replays, rm_replays = ppo.replay_frozen_bottoms(
+    policy, tok, reference, value_model, reward_model, rm_tok = policy_value.load_models(cfg, print)
+    pv = policy_value.PolicyAndValue(policy, value_model).eval()
+    ref_replays, rm_replays = policy_value.replay_frozen_bottoms(
         pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print, reward_model
     )
     assert ref_replays and rm_replays and pv.value_depth == 1
@@ -363,7 +365,8 @@ def test_policy_and_value_losses_backpropagated_apart_give_the_joint_gradients(e
     from accelerate import Accelerator
 
     from rlhf.config import PPOConfig
-    from rlhf.stages.ppo import PolicyAndValue, Rollouts, backward_losses
+    from rlhf.models.policy_value import PolicyAndValue
+    from rlhf.stages.ppo import Rollouts, backward_losses
 
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
@@ -401,17 +404,18 @@ def test_first_update_reusing_the_scoring_forward_trains_what_a_second_forward_w
     """With one micro-batch per update on one process, the first update back-propagates the scoring forward of
     the policy (log-probs recomputed) or of the value model (log-probs from sampling) instead of running it again."""
     from rlhf.config import PPOConfig
+    from rlhf.models import policy_value
     from rlhf.stages import ppo
 
     calls = {"values": 0, "logits": 0}
     for name in calls:
-        original = getattr(ppo.PolicyAndValue, name)
+        original = getattr(policy_value.PolicyAndValue, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(ppo.PolicyAndValue, name, counted)
+        monkeypatch.setattr(policy_value.PolicyAndValue, name, counted)
 
     def train(out, reuse: bool):
         if not reuse:
