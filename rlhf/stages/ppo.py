@@ -58,7 +58,6 @@ from rlhf.models.policy_value import (
     with_eos_column,
 )
 from rlhf.models.reward import pad_batch, score
-from rlhf.runtime.allocator import keep_freed_pages
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
@@ -387,19 +386,17 @@ def run(cfg: PPOConfig) -> Path:
         if sampler_copy is not None:
             refresh_inference_copy(sampler_copy, sampler)
             sampler = sampler_copy
-        with keep_freed_pages():  # sampling allocates a KV cache and logits per token (rlhf/runtime/allocator.py)
-            ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
+        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
         if sampler_copy is not None:
             release_inference_copy(sampler_copy)  # its memory serves the update until the next rollout
         t1 = time.perf_counter()
 
         # 2. log-probs, reference log-probs, values, entropy; 3. scores
         keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
-        with keep_freed_pages():
-            fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep, rm_eos)
-            rm_depth = accelerator.unwrap_model(model).value_depth
-            rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model, fwd, rm_depth)
-            fwd.pop("bottom_rm", None)  # the updates replay the rows' own columns
+        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep, rm_eos)
+        rm_depth = accelerator.unwrap_model(model).value_depth
+        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model, fwd, rm_depth)
+        fwd.pop("bottom_rm", None)  # the updates replay the rows' own columns
         scores = (
             rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
         )
