@@ -1,7 +1,7 @@
 """Attention for the short bf16 sequences of RLHF on a CPU: plain matrix products instead of torch's fused kernel.
 
 Torch's CPU SDPA kernel (flash attention) is built for long sequences. For the shapes of a PPO step of a small
-model under bf16 autocast (8 rows × 90 tokens, 9 query heads over 3 key/value heads, head size 64) its forward
+model in bf16 or under bf16 autocast (8 rows × 90 tokens, 9 query heads over 3 key/value heads, head size 64) its forward
 takes 2.6 ms a layer and forward + backward 13 ms, where the plain products take 1.6 ms and 4.8 ms: a fifth of a
 PPO update's time went to it (benchmarks/ppo_vs_trl.py). So `rlhf` models use `small_attention`, which runs the
 plain products where they pay, and transformers' own SDPA attention everywhere else: float32 (where the fused
@@ -39,9 +39,14 @@ def small_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    dtype = query.dtype
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # under autocast a float32 model's queries and keys come out of the rotary embedding in float32 (its cos and
+        # sin are the residual stream's dtype); SDPA would cast them to the autocast dtype, and so does this
+        dtype = torch.get_autocast_dtype("cpu")
     if (
         query.device.type != "cpu"
-        or query.dtype not in (torch.bfloat16, torch.float16)
+        or dtype not in (torch.bfloat16, torch.float16)
         or tq == 1
         or b * h * tq * tk > MAX_SCORES
         or dropout
@@ -49,6 +54,7 @@ def small_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     g = h // hkv
     scaling = d**-0.5 if scaling is None else scaling
     q = query.reshape(b, hkv, g * tq, d)  # query heads h = j·g … j·g + g − 1 read key/value head j

@@ -90,6 +90,20 @@ def test_a_position_with_nothing_to_attend_to_stays_finite(no_sdpa):
     assert torch.isfinite(out.float()).all()
 
 
+def test_under_autocast_float32_queries_and_keys_run_the_plain_products_in_the_autocast_dtype(no_sdpa):
+    """A float32 model under bf16 autocast: q and k leave the rotary embedding in float32, v the projection in bf16.
+    SDPA would cast them to bf16 and so does small_attention, with the same result to rounding."""
+    q, k, v = inputs(dtype=torch.float32)
+    v = v.to(torch.bfloat16)
+    mask = left_padded_causal([0, 2, 5], 7)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, _ = small_attention(Module(), q, k, v, mask)
+    assert out.dtype == torch.bfloat16
+    real = mask[:, 0].any(-1)
+    want = reference(q.to(torch.bfloat16), k.to(torch.bfloat16), v, mask)
+    torch.testing.assert_close(out.double()[real], want[real], rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize(
     "case",
     ["float32", "one query", "too many scores", "no mask, queries after a cache"],
