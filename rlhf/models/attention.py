@@ -1,13 +1,12 @@
 """Attention for the short bf16 sequences of RLHF on a CPU: plain matrix products instead of torch's fused kernel.
 
-Torch's CPU SDPA kernel (flash attention) is built for long sequences. For the shapes of a PPO step of a small
-model in bf16 or under bf16 autocast (8 rows × 90 tokens, 9 query heads over 3 key/value heads, head size 64) its forward
-takes 2.6 ms a layer and forward + backward 13 ms, where the plain products take 1.6 ms and 4.8 ms: a fifth of a
-PPO update's time went to it (benchmarks/ppo_vs_trl.py). So `rlhf` models use `small_attention`, which runs the
-plain products where they pay, and transformers' own SDPA attention everywhere else: float32 (where the fused
-kernel is as fast), decoding one token at a time (likewise), a GPU, and long sequences (from about 250 tokens at
-8 rows the fused kernel is faster, and the score matrix, kept for the backward pass, grows with the square of the
-length).
+Torch's CPU SDPA kernel (flash attention) is built for long sequences. For the shapes of a PPO step of a small model
+in bf16 or under bf16 autocast (8 rows × 90 tokens, 9 query heads over 3 key/value heads, head size 64) its forward
+takes 2.6 ms a layer and forward + backward 13 ms, where the plain products take 1.6 ms and 4.8 ms: a fifth of a PPO
+update's time went to it (benchmarks/ppo_vs_trl.py). So `rlhf` models use `small_attention`, which runs the plain
+products where they pay, and transformers' own SDPA attention everywhere else: float32 (where the fused kernel is as
+fast), decoding one token at a time (likewise), a GPU, and long sequences (from about 250 tokens at 8 rows the fused
+kernel is faster, and the score matrix, kept for the backward pass, grows with the square of the length).
 
 Registered with transformers under the name `ATTENTION` (`use_small_attention`); saved models do not record it.
 """
@@ -18,6 +17,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rlhf.models.lean import compute_dtype
 
 ATTENTION = "rlhf_small"
 MAX_SCORES = 1 << 22
@@ -39,11 +40,9 @@ def small_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    dtype = query.dtype
-    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # under autocast a float32 model's queries and keys come out of the rotary embedding in float32 (its cos and
-        # sin are the residual stream's dtype); SDPA would cast them to the autocast dtype, and so does this
-        dtype = torch.get_autocast_dtype("cpu")
+    # under autocast a float32 model's queries and keys come out of the rotary embedding in float32 (its cos and sin
+    # are the residual stream's dtype); SDPA would cast them to the autocast dtype, and so does this
+    dtype = compute_dtype(query) or query.dtype
     if (
         query.device.type != "cpu"
         or dtype not in (torch.bfloat16, torch.float16)

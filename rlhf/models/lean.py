@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """What autocast would multiply in on x's device (None outside autocast)."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -30,7 +30,7 @@ class GatedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
-        cast = _compute_dtype(x)
+        cast = compute_dtype(x)
         ctx.x_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
             if cast is not None:
