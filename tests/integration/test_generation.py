@@ -9,11 +9,10 @@ from rlhf.models.generation import (
     CDF_BLOCK,
     inverse_cdf,
     next_token,
-    packed_linears,
-    packing_works,
     sample_responses,
 )
 from rlhf.models.load import load_causal_lm
+from rlhf.models.packing import packed_linears, packing_works
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]  # different lengths: left padding
 

@@ -1,0 +1,79 @@
+"""The lean Llama decoding forward computes the transformers forward's logits, and sampling takes it only where it
+applies (tiny model)."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from rlhf.models import generation
+from rlhf.models.generation import TransformersDecoder, sample_responses
+from rlhf.models.llama_decoder import LlamaDecoder
+from rlhf.models.tiny import tiny_model, tiny_tokenizer
+
+
+def left_padded(rows: list[list[int]], pad: int):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_prefill_and_steps_give_the_transformers_logits(dtype, tol):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).to(dtype).eval()  # 4 query heads on 2 key/value heads: grouped attention
+    ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
+    steps = 6
+    lean = LlamaDecoder(model, len(ids), ids.shape[1] + steps)
+    plain = TransformersDecoder(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        got, want = lean.prefill(ids, mask, positions), plain.prefill(ids, mask, positions)
+        pairs = [(got, want)]
+        position = positions[:, -1:]
+        for _ in range(steps):  # the same tokens fed to both
+            token, position = torch.randint(3, 200, (len(ids),), generator=gen), position + 1
+            pairs.append((lean.step(token, position), plain.step(token, position)))
+    for got, want in pairs:
+        assert got.shape == want.shape == (3, len(tok))
+        scale = want.float().abs().max()
+        assert (got.float() - want.float()).abs().max() <= tol * scale
+
+
+def test_sampling_takes_the_lean_forward_for_llama_and_draws_what_the_transformers_forward_would(monkeypatch):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]] * 2
+    calls = []
+    forward = LlamaDecoder.forward
+    monkeypatch.setattr(LlamaDecoder, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+
+    def sample():
+        torch.manual_seed(0)
+        return sample_responses(model, prompts, tok.pad_token_id, tok.eos_token_id, 12, 0.9, with_logprobs=True)
+
+    _, _, lean_tokens, lean_logprobs = sample()
+    assert len(calls) == lean_tokens.shape[1]  # the prefill and every step but the last token's
+    monkeypatch.setattr(LlamaDecoder, "supports", staticmethod(lambda model: False))
+    _, _, plain_tokens, plain_logprobs = sample()
+    assert len(calls) == lean_tokens.shape[1]
+    assert torch.equal(lean_tokens, plain_tokens)
+    torch.testing.assert_close(lean_logprobs, plain_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_lean_forward_declines_models_it_would_compute_wrongly():
+    tok = tiny_tokenizer()
+    assert LlamaDecoder.supports(tiny_model(tok))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside each product: the plain forward's job
+        assert not LlamaDecoder.supports(tiny_model(tok))
+    lora = get_peft_model(tiny_model(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not LlamaDecoder.supports(lora)
+    assert not LlamaDecoder.supports(lora.get_base_model())  # its q/v projections are LoRA layers now
+    biased = tiny_model(tok)
+    biased.model.layers[1].mlp.down_proj = torch.nn.Linear(128, 64, bias=True)
+    assert not LlamaDecoder.supports(biased)
+    # and a declined model still samples, through the transformers forward
+    _, _, responses = generation.sample_responses(lora, [[5, 6, 7]], tok.pad_token_id, tok.eos_token_id, 4, 0.0)
+    assert responses.shape == (1, 4) or responses[0, -1] == tok.eos_token_id
