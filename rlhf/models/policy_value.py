@@ -10,6 +10,7 @@ from rlhf.config import PPOConfig
 from rlhf.data.jsonl import DataError
 from rlhf.models.freeze import (
     bottom_output,
+    cast_frozen_heads_once,
     decoder_layers,
     forward_from,
     frozen_depth,
@@ -131,6 +132,8 @@ def load_models(cfg: PPOConfig, say):
             if cfg.mixed_precision == "bf16":  # the frozen models' own blocks in what autocast multiplies in anyway
                 store_frozen_blocks_in(frozen, torch.bfloat16, keep=trained)
             release_file_map(frozen, keep=trained)  # else the whole loaded file stays mapped for the rest
+    if cfg.mixed_precision == "bf16":  # a frozen head would be cast to bf16 again in every forward
+        cast_frozen_heads_once([policy, ref_policy], torch.bfloat16)
     say(
         f"policy {cfg.policy}, reference {cfg.reference or cfg.policy}"
         f"{' (adapters off)' if ref_policy is None else ''}, value model from {cfg.value_init}, reward {cfg.reward}"

@@ -448,3 +448,37 @@ def test_first_update_reusing_the_scoring_forward_trains_what_a_second_forward_w
     for k in again:
         torch.testing.assert_close(reused[k], again[k], rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(again[k], v) for k, v in load_causal_lm("tiny")[0].state_dict().items())  # trained
+
+
+def test_a_frozen_head_multiplies_by_one_cast_copy_under_autocast_with_the_same_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf.models.freeze import cast_frozen_heads_once, train_top_layers
+
+    policy, _ = load_causal_lm("tiny")
+    value_model, _ = load_reward_model("tiny")
+    train_top_layers(policy, 1)  # the tied head freezes with the embeddings
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        plain = policy(input_ids=ids).logits
+        with torch.autocast("cpu", torch.bfloat16):
+            autocast = policy(input_ids=ids).logits
+    assert cast_frozen_heads_once([policy, None, value_model], torch.bfloat16) == 1  # a score head is no LM head
+
+    head = policy.get_output_embeddings().weight
+
+    class CastsOfTheHead(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() == head.data_ptr():
+                CastsOfTheHead.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), CastsOfTheHead():
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.testing.assert_close(policy(input_ids=ids).logits, autocast, rtol=0, atol=0)
+        torch.testing.assert_close(policy(input_ids=ids).logits, plain, rtol=0, atol=0)
+    assert CastsOfTheHead.count == 0
+    fresh, _ = load_causal_lm("tiny")  # a trainable head is left to autocast, which keeps its cast within a forward
+    assert cast_frozen_heads_once([fresh], torch.bfloat16) == 0
