@@ -304,6 +304,11 @@ class PPOConfig(TrainConfig):
     backward pass stops below them, so updates cost much less on small hardware; a frozen bottom that several of the
     policy, reference, value and reward model hold with the same weights is kept once, and its output computed once
     per step; None trains every layer"""
+    value_trainable_layers: int | None = None
+    """train only the top N layers of the value model (default: as many as --trainable-layers). The value model only
+    gives PPO its baseline, and a few trained layers over the frozen bottom learn it: with fewer than the policy's,
+    its frozen bottom continues the policy's (computed once per step from it, and shared by the reward model), and
+    each update back-propagates through fewer blocks"""
     gold: bool = False
     """also log the simulated panel's gold reward of the rollouts (its criteria need no model; evaluation only)"""
     epochs: float = 1.0
@@ -397,8 +402,10 @@ class PPOConfig(TrainConfig):
             raise ConfigError("ptx_coef > 0 needs --ptx-data (demonstrations for the language-model loss)")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError("gamma and lam must be in [0, 1]")
-        if self.trainable_layers is not None and (self.lora or self.trainable_layers < 1):
-            raise ConfigError("trainable_layers must be at least 1, and cannot be combined with --lora")
+        for name in ("trainable_layers", "value_trainable_layers"):
+            n = getattr(self, name)
+            if n is not None and (self.lora or n < 1):
+                raise ConfigError(f"{name} must be at least 1, and cannot be combined with --lora")
 
 
 @dataclass

@@ -151,6 +151,13 @@ def bottom_output(model, depth: int, input_ids: torch.Tensor, **kwargs) -> torch
         return trunk_of(model)(input_ids=input_ids, **kwargs).last_hidden_state
 
 
+def blocks_output(model, start: int, stop: int, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The hidden states leaving `model`'s blocks [start:stop] given `hidden`, what enters block `start`
+    (`bottom_output(model, start, …)` or another model's holding the same blocks), (B, L, hidden)."""
+    with only_blocks(model, start, stop, final_norm=False):
+        return trunk_of(model)(inputs_embeds=hidden, **kwargs).last_hidden_state
+
+
 def forward_from(model, input_ids: torch.Tensor, bottom: torch.Tensor | None, depth: int, **kwargs):
     """`model`'s forward on `input_ids`; given `bottom` (`bottom_output` of its `depth` blocks for these rows), only
     the blocks above run."""

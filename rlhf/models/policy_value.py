@@ -9,6 +9,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.data.jsonl import DataError
 from rlhf.models.freeze import (
+    blocks_output,
     bottom_output,
     cast_frozen_heads_once,
     decoder_layers,
@@ -38,6 +39,9 @@ class PolicyAndValue(torch.nn.Module):
         # frozen bottom blocks whose output is computed once per step and replayed into later forwards (0: none)
         self.policy_depth = self.value_depth = 0
         self.value_bottom_is_policys = False  # the value model's frozen bottom is the policy's (shared, same output)
+        # the value model's frozen bottom is deeper than the policy's and starts with it (the same modules): its
+        # output is the policy's carried through the value model's blocks policy_depth … value_depth − 1
+        self.value_bottom_continues_policys = False
 
     def value_parts(self):
         inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
@@ -57,9 +61,10 @@ class PolicyAndValue(torch.nn.Module):
         policy = bottom_output(self.policy, self.policy_depth, input_ids, **kwargs) if self.policy_depth else None
         if self.value_bottom_is_policys:
             return policy, policy
-        value = (
-            bottom_output(self.value_parts()[0], self.value_depth, input_ids, **kwargs) if self.value_depth else None
-        )
+        trunk = self.value_parts()[0]
+        if self.value_bottom_continues_policys and policy is not None:
+            return policy, blocks_output(trunk, self.policy_depth, self.value_depth, policy, **kwargs)
+        value = bottom_output(trunk, self.value_depth, input_ids, **kwargs) if self.value_depth else None
         return policy, value
 
     def logits(self, input_ids, attention_mask, context: int, bottom=None) -> torch.Tensor:
@@ -108,7 +113,9 @@ def load_models(cfg: PPOConfig, say):
     ref_policy = None
     if cfg.trainable_layers is not None:
         train_top_layers(policy, cfg.trainable_layers)
-        train_top_layers(value_model, cfg.trainable_layers)
+    value_layers = cfg.value_trainable_layers or cfg.trainable_layers
+    if value_layers is not None:
+        train_top_layers(value_model, value_layers)
     if cfg.lora:
         policy = wrap_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         value_model = wrap_lora(
@@ -122,7 +129,7 @@ def load_models(cfg: PPOConfig, say):
         ref_policy.eval().requires_grad_(False)
     shared = 0
     pairs = [(f, t) for f, t in ((ref_policy, policy), (reward_model, value_model)) if f is not None]
-    if cfg.trainable_layers is not None:  # one copy of each frozen bottom, whichever models hold the same weights
+    if value_layers is not None:  # one copy of each frozen bottom, whichever models hold the same weights
         shared = share_frozen_layers(value_model, policy)  # the value model's first: the reward model's then follow
         if shared:
             release_file_map(value_model, keep=policy)  # its own copy of the bottom is gone: let its file's map go
@@ -165,11 +172,18 @@ def replay_frozen_bottoms(
     value_trunk = pv.value_parts()[0]
     rm_replays = reward_model is not None and holds_bottom_of(reward_model, value_trunk, pv.value_depth)
     rm_replays = rm_replays and replays_exactly(trunk_of(reward_model), pv.value_depth, ids, **kwargs)
-    if depth and pv.value_depth == depth and holds_bottom_of(value_trunk, pv.policy, depth):
+    if depth and pv.value_depth >= depth and holds_bottom_of(value_trunk, pv.policy, depth):
         with torch.no_grad():  # one output serves both only if both trunks compute it alike
-            same = bottom_output(value_trunk, depth, ids, **kwargs)
-            pv.value_bottom_is_policys = torch.equal(same, bottom_output(pv.policy, depth, ids, **kwargs))
+            own = bottom_output(value_trunk, pv.value_depth, ids, **kwargs)
+            policys = bottom_output(pv.policy, depth, ids, **kwargs)
+            if pv.value_depth == depth:
+                pv.value_bottom_is_policys = torch.equal(own, policys)
+            else:
+                carried = blocks_output(value_trunk, depth, pv.value_depth, policys, **kwargs)
+                pv.value_bottom_continues_policys = torch.equal(own, carried)
     same = " (the policy's own: computed once for both)" if pv.value_bottom_is_policys else ""
+    if pv.value_bottom_continues_policys:
+        same = f" (its bottom {depth} the policy's: computed once for both)"
     say(
         f"frozen bottom computed once per step and replayed: policy {pv.policy_depth} blocks"
         f"{' (shared by the reference)' if ref_replays else ''}, value model {pv.value_depth} blocks{same}"

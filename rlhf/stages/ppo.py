@@ -352,7 +352,7 @@ def run(cfg: PPOConfig) -> Path:
         if m is not None:
             m.to(device)
     ref_replays = rm_replays = False
-    if cfg.trainable_layers is not None:
+    if cfg.trainable_layers is not None or cfg.value_trainable_layers is not None:
         probe = [encoded[0][:24], encoded[-1][:12]]  # rows of two lengths, left-padded as rollouts are
         with accelerator.autocast():  # as every forward runs (frozen models may hold bf16 weights)
             pv = accelerator.unwrap_model(model)

@@ -245,3 +245,5 @@ def test_ppo_config_explains_inconsistent_batch_sizes():
         build(PPOConfig, {})
     with pytest.raises(ConfigError, match="--ptx-data"):
         build(PPOConfig, {"reward": "x", "ptx_coef": 0.1})
+    with pytest.raises(ConfigError, match="value_trainable_layers must be at least 1, and cannot be combined"):
+        build(PPOConfig, {"reward": "x", "value_trainable_layers": 2, "lora": True})

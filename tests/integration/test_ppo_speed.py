@@ -482,3 +482,55 @@ def test_a_frozen_head_multiplies_by_one_cast_copy_under_autocast_with_the_same_
     assert CastsOfTheHead.count == 0
     fresh, _ = load_causal_lm("tiny")  # a trainable head is left to autocast, which keeps its cast within a forward
     assert cast_frozen_heads_once([fresh], torch.bfloat16) == 0
+
+
+def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_its_own_frozen_blocks(tmp_path):
+    """--value-trainable-layers below --trainable-layers: the value model's frozen bottom is the policy's bottom
+    (the same modules) plus frozen blocks of its own, which the reward model shares; its output is computed from the
+    policy's, and values and gradients are those of the value model run whole."""
+    from transformers import LlamaForCausalLM
+
+    from rlhf.config import PPOConfig
+    from rlhf.models.freeze import bottom_output
+    from rlhf.models.policy_value import PolicyAndValue, load_models, replay_frozen_bottoms
+
+    tiny, tok = load_causal_lm("tiny")
+    config = copy.deepcopy(tiny.config)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    folder = str(tmp_path / "sft")
+    cfg = PPOConfig(policy=folder, reward=folder, trainable_layers=2, value_trainable_layers=1, out="x")
+    policy, tok, reference, value_model, reward_model, _ = load_models(cfg, print)
+    trained = {n.split(".")[1] for n, p in value_model.model.named_parameters() if p.requires_grad and "layers" in n}
+    assert trained == {"3"}  # the value model trains its top block (and head) only
+    assert [value_model.model.layers[i] is policy.model.layers[i] for i in range(4)] == [True, True, False, False]
+    assert reward_model.model.layers[2] is value_model.model.layers[2]  # its own frozen block, shared onwards
+    separate = copy.deepcopy(PolicyAndValue(policy, value_model))
+    pv = PolicyAndValue(policy, value_model)
+    ref_replays, rm_replays = replay_frozen_bottoms(
+        pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print, reward_model
+    )
+    assert (pv.policy_depth, pv.value_depth) == (2, 3) and pv.value_bottom_continues_policys
+    assert ref_replays and rm_replays and not pv.value_bottom_is_policys
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
+    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "use_cache": False}
+    with torch.no_grad():
+        bottoms = pv.bottoms(ids, mask)
+        own = bottom_output(value_model, 3, ids, **kwargs)
+    torch.testing.assert_close(bottoms[1], own, rtol=0, atol=0)  # what the value model's own 3 blocks give
+
+    def outputs_and_grads(model, bottoms):
+        model.zero_grad(set_to_none=True)
+        logits, values = model(ids, mask, 5, bottoms)
+        (logits.square().mean() + values.square().mean()).backward()
+        return logits, values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = outputs_and_grads(separate, (None, None)), outputs_and_grads(pv, bottoms)
+    for a, b in zip(expected[:2], got[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert expected[2].keys() == got[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
