@@ -13,8 +13,8 @@ Three runners, alternated `--rounds` times, each a fresh process (so its peak re
   project's dependencies);
 - ours, identical settings: the same float32 full fine-tuning;
 - ours, shipped settings: the PPO section of the `demo` preset that the main job runs (mixed precision auto: bf16
-  autocast where the CPU has bf16 instructions, else float32; the top 10 of 30 layers trained, λ = 1, lr 1e-4,
-  β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward of −1 for an answer cut at the length limit,
+  autocast where the CPU has bf16 instructions, else float32; the top 10 of 30 layers of the policy and the top 2
+  of the value model trained, λ = 1, lr 1e-4, β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward of −1 for an answer cut at the length limit,
   would change the reward: at 32 tokens most answers are cut, and the run would learn to stop early, not to please
   the reward model);
 - TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
@@ -23,7 +23,8 @@ Step 1 of every run is a warm-up and is not counted. After the runs, every final
 answer the 8 prompts 32 times each (same seeds) and the reward model scores them: the reward gained, ± its standard
 error over the paired answers.
 It also measures this CPU's sustained matrix-multiply rate (float32 and bfloat16) and reports each of our phases'
-useful FLOP/s (model FLOPs of the real tokens, padding not counted) as a share of the ceiling of the precision used.
+achieved FLOP/s (the matrix-multiply FLOPs each phase executes on the real tokens: padding not counted, a frozen
+bottom computed once a step counted once) as a share of the ceiling of the precision used.
 Run it alone on the machine: it is a timing benchmark.
 """
 
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -168,6 +170,7 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = ours_config(spec, variant, Path(out))
     final = ppo.run(cfg)
+    precision = SimpleNamespace(mixed_precision=cfg.mixed_precision)  # as the accelerator reports it
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "ppo"]
     keys = ("seconds_step", "seconds_generate", "seconds_score", "seconds_train", "tokens_prompt", "tokens_response")
@@ -180,6 +183,8 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
             "final": str(final),
             "mixed_precision": cfg.mixed_precision,
             "trainable_layers": cfg.trainable_layers,
+            "value_trainable_layers": cfg.value_trainable_layers,
+            "logprobs_from_sampling": ppo.logprobs_from_sampling(cfg, precision),
             "ppo_epochs": cfg.ppo_epochs,
         }
     )
@@ -212,20 +217,37 @@ def model_flops(config) -> dict:
     return {"layer": per_layer, "layers": layers, "head": 2 * d * config.vocab_size}
 
 
-def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, trainable: int | None, epochs: int) -> dict:
-    """Useful FLOPs of one step of ours, phase by phase, counting real tokens only (padding is not useful work).
+def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dict) -> dict:
+    """Matrix-multiply FLOPs one step of ours executes, phase by phase, counting real tokens only (padding is not
+    useful work) and each shared or replayed computation once, as it runs: the policy's frozen bottom (depth
+    30 − trainable layers) once a step, the value model's deeper bottom continued from it, the reference above the
+    policy's bottom, the value and reward model above the value model's.
 
     generate: the policy over prompt + response tokens, the LM head once per response token;
-    score: reference, value and reward model over all tokens (the policy's log-probs come from sampling), the
-      reference's LM head on response tokens;
-    train, per PPO epoch: forward of policy and value model over all tokens + backward (2× forward) of the
-      trainable layers, the LM head forward and backward on response tokens."""
-    tokens = prompt_tokens + response_tokens
-    trunk = fl["layer"] * fl["layers"]
-    trained = fl["layer"] * (trainable or fl["layers"])
-    generate = tokens * trunk + response_tokens * fl["head"]
-    score = 3 * tokens * trunk + response_tokens * fl["head"]
-    train = epochs * (2 * tokens * trunk + 2 * 2 * tokens * trained + 3 * response_tokens * fl["head"])
+    score: the bottoms; the policy above its bottom when its log-probs are recomputed (not kept from sampling); the
+      reference above the policy's bottom; the value and reward model above the value model's; LM heads on
+      response tokens;
+    train, per PPO epoch: forward of policy and value model above their bottoms (the first update back-propagates
+      the scoring forward of one of them instead of running it again: the policy's when scoring ran it, else the
+      value model's) + backward (2× forward) of their trainable layers, the LM head forward on response tokens and
+      its backward (1× for the input's gradient, 2× when the head trains)."""
+    tokens, responses = prompt_tokens + response_tokens, response_tokens
+    layer, head, depth = fl["layer"], fl["head"], fl["layers"]
+    policy_trained = run["trainable_layers"] or depth
+    value_trained = run.get("value_trainable_layers") or policy_trained
+    policy_bottom, value_bottom = depth - policy_trained, depth - value_trained
+    recompute = not run["logprobs_from_sampling"]
+    blocks = policy_bottom + max(value_bottom - policy_bottom, 0)  # each frozen bottom once
+    blocks += (recompute + 1) * (depth - policy_bottom) + 2 * (depth - value_bottom)  # [policy,] reference; value, RM
+    score = tokens * layer * blocks + (recompute + 1) * responses * head
+    head_backward = 2 if run["trainable_layers"] is None else 1  # a tied head trains with the embeddings
+    train = 0.0
+    for epoch in range(run["ppo_epochs"]):
+        reused_policy, reused_value = epoch == 0 and recompute, epoch == 0 and not recompute
+        train += tokens * layer * ((not reused_policy) * policy_trained + (not reused_value) * value_trained)
+        train += tokens * layer * 2 * (policy_trained + value_trained)
+        train += responses * head * ((not reused_policy) + head_backward)
+    generate = tokens * layer * depth + responses * head
     return {"generate": generate, "score": score, "train": train}
 
 
@@ -313,12 +335,12 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in [n for n in results if n.startswith("ours")]:
         rs = results[name]
-        precision, trainable, epochs = rs[0]["mixed_precision"], rs[0]["trainable_layers"], rs[0]["ppo_epochs"]
+        precision = rs[0]["mixed_precision"]
         for phase in ("generate", "score", "train"):
             secs, rates = [], []
             for r in rs:
                 for i in range(1, len(r["step_seconds"])):
-                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], trainable, epochs)[phase]
+                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], r)[phase]
                     secs.append(r[f"seconds_{phase}"][i])
                     rates.append(flops / r[f"seconds_{phase}"][i] / 1e9)
             med, rate = statistics.median(secs), statistics.median(rates)
