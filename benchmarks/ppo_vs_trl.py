@@ -331,7 +331,7 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
     from transformers import AutoConfig
 
     fl = model_flops(AutoConfig.from_pretrained(spec["model"]))
-    print("\n| ours | phase | seconds (median) | share of step | useful GFLOP/s | of ceiling |")
+    print("\n| ours | phase | seconds (median) | share of step | executed GFLOP/s | of ceiling |")
     print("|---|---|---:|---:|---:|---:|")
     for name in [n for n in results if n.startswith("ours")]:
         rs = results[name]
