@@ -14,9 +14,9 @@ Three runners, alternated `--rounds` times, each a fresh process (so its peak re
 - ours, identical settings: the same float32 full fine-tuning;
 - ours, shipped settings: the PPO section of the `demo` preset that the main job runs (mixed precision auto: bf16
   autocast where the CPU has bf16 instructions, else float32; the top 10 of 30 layers of the policy and the top 2
-  of the value model trained, λ = 1, lr 1e-4, β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward of −1 for an answer cut at the length limit,
-  would change the reward: at 32 tokens most answers are cut, and the run would learn to stop early, not to please
-  the reward model);
+  of the value model trained, λ = 1, lr 1e-4, β 0.1, 2 PPO epochs), on the same work (its EOS penalty, a reward
+  of −1 for an answer cut at the length limit, would change the reward: at 32 tokens most answers are cut, and the
+  run would learn to stop early, not to please the reward model);
 - TRL again with jemalloc preloaded (`trl-jemalloc`): `rlhf` runs itself under jemalloc where the system has it
   (rlhf/runtime/allocator.py), so this row shows how much of the difference is the allocator.
 Step 1 of every run is a warm-up and is not counted. After the runs, every final policy and the initial one
@@ -234,7 +234,7 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dic
     tokens, responses = prompt_tokens + response_tokens, response_tokens
     layer, head, depth = fl["layer"], fl["head"], fl["layers"]
     policy_trained = run["trainable_layers"] or depth
-    value_trained = run.get("value_trainable_layers") or policy_trained
+    value_trained = run["value_trainable_layers"] or policy_trained
     policy_bottom, value_bottom = depth - policy_trained, depth - value_trained
     recompute = not run["logprobs_from_sampling"]
     blocks = policy_bottom + max(value_bottom - policy_bottom, 0)  # each frozen bottom once

@@ -93,6 +93,12 @@ def forward_kwargs(attention_mask: torch.Tensor) -> dict:
     return {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
 
 
+def value_trainable_layers(cfg: PPOConfig) -> int | None:
+    """How many top layers of the value model train (None: all). By default as many as the policy's, so this is
+    None only when no model has a frozen bottom to share or replay."""
+    return cfg.value_trainable_layers or cfg.trainable_layers
+
+
 def load_models(cfg: PPOConfig, say):
     """(policy, tokenizer, reference, value model, reward model, reward tokenizer). With LoRA the reference is None
     (the policy with its adapters off) and, when the value model starts from the reward model, so is the reward
@@ -113,7 +119,7 @@ def load_models(cfg: PPOConfig, say):
     ref_policy = None
     if cfg.trainable_layers is not None:
         train_top_layers(policy, cfg.trainable_layers)
-    value_layers = cfg.value_trainable_layers or cfg.trainable_layers
+    value_layers = value_trainable_layers(cfg)
     if value_layers is not None:
         train_top_layers(value_model, value_layers)
     if cfg.lora:

@@ -55,6 +55,7 @@ from rlhf.models.policy_value import (
     load_models,
     replay_frozen_bottoms,
     score_from_bottom,
+    value_trainable_layers,
     with_eos_column,
 )
 from rlhf.models.reward import pad_batch, score
@@ -352,7 +353,7 @@ def run(cfg: PPOConfig) -> Path:
         if m is not None:
             m.to(device)
     ref_replays = rm_replays = False
-    if cfg.trainable_layers is not None or cfg.value_trainable_layers is not None:
+    if value_trainable_layers(cfg) is not None:  # some frozen bottom to replay
         probe = [encoded[0][:24], encoded[-1][:12]]  # rows of two lengths, left-padded as rollouts are
         with accelerator.autocast():  # as every forward runs (frozen models may hold bf16 weights)
             pv = accelerator.unwrap_model(model)

@@ -28,6 +28,30 @@ def perturbed_lora(model, task_type="CAUSAL_LM"):
     return model
 
 
+def padded_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 9 tokens, the first left-padded by 2, as rollouts are."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
+    return ids, (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+
+
+def assert_replay_is_whole(whole, pv, bottoms, ids, mask, context: int = 5) -> None:
+    """`pv` given the replayed `bottoms` gives the logits, values and gradients of `whole` (a copy of it whose
+    models run every block), bit for bit."""
+
+    def outputs_and_grads(model, bottoms):
+        model.zero_grad(set_to_none=True)
+        logits, values = model(ids, mask, context, bottoms)
+        (logits.square().mean() + values.square().mean()).backward()
+        return logits, values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = outputs_and_grads(whole, (None, None)), outputs_and_grads(pv, bottoms)
+    for a, b in zip(expected[:2], got[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert expected[2].keys() == got[2].keys() and len(expected[2]) > 0
+    for name in expected[2]:
+        torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
+
+
 def test_sampling_logprobs_equal_a_forward_pass():
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
@@ -175,8 +199,7 @@ def test_replayed_frozen_bottom_gives_the_same_logits_values_and_gradients():
     share_frozen_layers(reference, policy)
     store_frozen_blocks_in(reference, torch.bfloat16, keep=policy)
     pv = PolicyAndValue(policy, value_model)
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
-    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    ids, mask = padded_rows()
     context = 5
     with torch.autocast("cpu", torch.bfloat16):
         ref_replays, _ = replay_frozen_bottoms(pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
@@ -228,24 +251,11 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
     pv = PolicyAndValue(policy, value_model)
     replay_frozen_bottoms(pv, None, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print)
     assert pv.value_bottom_is_policys
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
-    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
+    ids, mask = padded_rows()
     with torch.no_grad():
         bottoms = pv.bottoms(ids, mask)
     assert bottoms[1] is bottoms[0]  # one forward of the shared blocks serves both models
-
-    def outputs_and_grads(model, bottoms):
-        model.zero_grad(set_to_none=True)
-        logits, values = model(ids, mask, 5, bottoms)
-        (logits.square().mean() + values.square().mean()).backward()
-        return logits, values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    expected, got = outputs_and_grads(separate, (None, None)), outputs_and_grads(pv, bottoms)
-    for a, b in zip(expected[:2], got[:2], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert expected[2].keys() == got[2].keys()
-    for name in expected[2]:
-        torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
+    assert_replay_is_whole(separate, pv, bottoms, ids, mask)
     # a value model with other bottom weights shares nothing
     other = LlamaForSequenceClassification(config)
     train_top_layers(other, 1)
@@ -492,7 +502,7 @@ def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_it
 
     from rlhf.config import PPOConfig
     from rlhf.models.freeze import bottom_output
-    from rlhf.models.policy_value import PolicyAndValue, load_models, replay_frozen_bottoms
+    from rlhf.models.policy_value import PolicyAndValue, forward_kwargs, load_models, replay_frozen_bottoms
 
     tiny, tok = load_causal_lm("tiny")
     config = copy.deepcopy(tiny.config)
@@ -514,23 +524,9 @@ def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_it
     )
     assert (pv.policy_depth, pv.value_depth) == (2, 3) and pv.value_bottom_continues_policys
     assert ref_replays and rm_replays and not pv.value_bottom_is_policys
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11], [21, 22, 23, 24, 25, 26, 27, 28, 29]])
-    mask = (torch.arange(9) >= torch.tensor([[2], [0]])).long()
-    kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "use_cache": False}
+    ids, mask = padded_rows()
     with torch.no_grad():
         bottoms = pv.bottoms(ids, mask)
-        own = bottom_output(value_model, 3, ids, **kwargs)
+        own = bottom_output(value_model, 3, ids, **forward_kwargs(mask))
     torch.testing.assert_close(bottoms[1], own, rtol=0, atol=0)  # what the value model's own 3 blocks give
-
-    def outputs_and_grads(model, bottoms):
-        model.zero_grad(set_to_none=True)
-        logits, values = model(ids, mask, 5, bottoms)
-        (logits.square().mean() + values.square().mean()).backward()
-        return logits, values, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    expected, got = outputs_and_grads(separate, (None, None)), outputs_and_grads(pv, bottoms)
-    for a, b in zip(expected[:2], got[:2], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert expected[2].keys() == got[2].keys()
-    for name in expected[2]:
-        torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
+    assert_replay_is_whole(separate, pv, bottoms, ids, mask)
