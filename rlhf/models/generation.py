@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.data.chat import render_prompt
-from rlhf.models.llama_decoder import LlamaDecoder
+from rlhf.models.llama_decoder import ConstantProducts, LlamaDecoder
 from rlhf.models.packing import packed_linears
 
 
@@ -75,6 +75,8 @@ def sample_responses(
     temperature: float,
     top_p: float = 1.0,
     with_logprobs: bool = False,
+    dtype: torch.dtype | None = None,
+    constant: ConstantProducts | None = None,
 ):
     """Sample one response per tokenised prompt, as token ids for training on.
 
@@ -83,9 +85,13 @@ def sample_responses(
     With `with_logprobs` (temperature > 0, top_p = 1), also the log-probability of each response token under the
     distribution it was sampled from, softmax(logits / temperature), (B, T) float32: the sampling pass computed the
     logits already, so a PPO step needs no second forward pass of the policy for them.
+    `dtype` and `constant` (`LlamaDecoder`'s, where it applies): decode in `dtype`, casting the weights as they are
+    packed, keeping the packed products of the blocks `constant` names from call to call.
     """
     if with_logprobs and (temperature <= 0 or top_p < 1):
         raise ValueError("log-probs of the sampling distribution need temperature > 0 and top_p = 1")
+    if (dtype is not None or constant is not None) and not LlamaDecoder.supports(model):
+        raise ValueError("decoding in another dtype or with constant products needs the lean Llama decoder")
     width = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -93,7 +99,7 @@ def sample_responses(
         prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), 1
     model.eval()
     if LlamaDecoder.supports(model):
-        decoder = LlamaDecoder(model, len(prompts), width + max_new_tokens)
+        decoder = LlamaDecoder(model, len(prompts), width + max_new_tokens, dtype, constant)
         responses, logprobs = decode(
             decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs
         )

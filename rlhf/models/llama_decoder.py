@@ -15,9 +15,16 @@ attention). Logits equal the transformers forward's to rounding (tests/integrati
 
 It applies where `LlamaDecoder.supports(model)`: a plain `LlamaForCausalLM` on a CPU (no LoRA wrapper, no biases,
 SiLU), outside autocast; everything else decodes through the transformers forward.
+
+Given a `dtype`, it decodes a model of another precision in that one: each weight is cast as it is packed, so PPO
+samples its float32 policy in bf16 without a bf16 copy of the whole model beside it. With `ConstantProducts` the
+packed products of blocks that never change (a policy's frozen bottom, a frozen LM head) are kept from one call to
+the next: cast and packed once a run instead of once a PPO step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +34,29 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from rlhf.models.packing import linear_product
 
 
+@dataclass
+class ConstantProducts:
+    """The packed products of a model's bottom `blocks` blocks (and of its LM head, if `head`), which the caller
+    promises do not change between the `LlamaDecoder`s built with this object: each is made once and then reused.
+    Packing depends on the number of rows, so a call with other rows starts again."""
+
+    blocks: int
+    head: bool
+    rows: int | None = None
+    products: dict = field(default_factory=dict)
+
+    def get(self, key, rows: int, make):
+        if rows != self.rows:
+            self.products.clear()
+            self.rows = rows
+        if key not in self.products:
+            self.products[key] = make()
+        return self.products[key]
+
+
 class LlamaDecoder:
-    """Prefill, then one token per call, for `rows` sequences of at most `length` tokens (prompt + response)."""
+    """Prefill, then one token per call, for `rows` sequences of at most `length` tokens (prompt + response), in
+    `dtype` (default: the model's)."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -50,28 +78,44 @@ class LlamaDecoder:
         return type(model.lm_head) is torch.nn.Linear and model.lm_head.bias is None
 
     @torch.no_grad()
-    def __init__(self, model, rows: int, length: int):
+    def __init__(
+        self, model, rows: int, length: int, dtype: torch.dtype | None = None, constant: ConstantProducts | None = None
+    ):
         cfg, inner = model.config, model.model
         self.device = model.device
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.dtype = inner.embed_tokens.weight.dtype
-        self.embed = inner.embed_tokens.weight.detach()
+        self.dtype = dtype or inner.embed_tokens.weight.dtype
+        self.embed = inner.embed_tokens.weight.detach()  # the rows looked up are cast, not the table
+
+        def product(*weights, key=None):
+            """x -> x·Wᵀ for W the weights stacked, in self.dtype; kept in `constant` under `key` (if given)."""
+
+            def make():
+                cast = [w.detach().to(self.dtype) for w in weights]
+                return linear_product(cast[0] if len(cast) == 1 else torch.cat(cast), rows)
+
+            return make() if constant is None or key is None else constant.get(key, rows, make)
+
+        def norm(module):
+            return module.weight.detach().to(self.dtype), module.variance_epsilon
+
         self.rotary = inner.rotary_emb
-        self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
-        self.head = linear_product(model.lm_head.weight.detach(), rows)
+        self.norm = norm(inner.norm)
+        self.head = product(model.lm_head.weight, key="head" if constant is not None and constant.head else None)
         self.layers = []
-        for layer in inner.layers[: cfg.num_hidden_layers]:
+        for i, layer in enumerate(inner.layers[: cfg.num_hidden_layers]):
             a, m = layer.self_attn, layer.mlp
+            kept = constant is not None and i < constant.blocks
             self.layers.append(
                 (
-                    (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon),
-                    linear_product(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), rows),
-                    linear_product(a.o_proj.weight.detach(), rows),
-                    (layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon),
-                    linear_product(torch.cat([m.gate_proj.weight, m.up_proj.weight]), rows),
-                    linear_product(m.down_proj.weight.detach(), rows),
+                    norm(layer.input_layernorm),
+                    product(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, key=(i, "qkv") if kept else None),
+                    product(a.o_proj.weight, key=(i, "o") if kept else None),
+                    norm(layer.post_attention_layernorm),
+                    product(m.gate_proj.weight, m.up_proj.weight, key=(i, "gate_up") if kept else None),
+                    product(m.down_proj.weight, key=(i, "down") if kept else None),
                 )
             )
         self.intermediate = cfg.intermediate_size
@@ -103,7 +147,7 @@ class LlamaDecoder:
         start, end = self.filled, self.filled + n
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         g = nh // nkv  # query heads per key/value head
-        x = F.embedding(ids, self.embed)  # (B, n, H)
+        x = F.embedding(ids, self.embed).to(self.dtype)  # (B, n, H)
         cos, sin = (t.float() for t in self.rotary(x, positions))  # (B, n, d) each
         cos, sin = cos[:, :, None], (sin * self.sign)[:, :, None]  # (B, n, 1, d)
         # additive mask, the same for every layer: a query sees the real tokens up to its own position

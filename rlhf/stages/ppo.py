@@ -42,12 +42,14 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
+from rlhf.models.freeze import frozen_depth
 from rlhf.models.generation import (
     inference_copy,
     refresh_inference_copy,
     release_inference_copy,
     sample_responses,
 )
+from rlhf.models.llama_decoder import ConstantProducts, LlamaDecoder
 from rlhf.models.lora import plain_model
 from rlhf.models.policy_value import (
     PolicyAndValue,
@@ -128,9 +130,12 @@ def response_logprobs(resp_logits: torch.Tensor, input_ids: torch.Tensor, contex
     return logprobs_from_logits(resp_logits, input_ids[:, context:]), resp_logits
 
 
-def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocast: bool = True) -> Rollouts:
+def rollout(
+    st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocast: bool = True, decoding: dict | None = None
+) -> Rollouts:
     """Sample one response per prompt; the response mask ends at the first EOS (padding after it is not trained).
-    `policy` is the policy itself (autocast), or its inference copy (already in the precision to sample in)."""
+    `policy` is the policy itself (autocast, or `decoding`: the lean decoder's dtype and constant products), or its
+    inference copy (already in the precision to sample in)."""
     torch.manual_seed(rollout_seed(cfg.seed, step, st.accelerator.process_index))
     policy.eval()
     with st.accelerator.autocast() if autocast else contextlib.nullcontext():
@@ -142,6 +147,7 @@ def rollout(st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocas
             cfg.max_new_tokens,
             cfg.temperature,
             with_logprobs=logprobs_from_sampling(cfg, st.accelerator),
+            **(decoding or {}),
         )
     is_eos = responses == tokenizer.eos_token_id  # (B, T)
     finished = is_eos.any(dim=1)
@@ -362,11 +368,19 @@ def run(cfg: PPOConfig) -> Path:
             )
     rm_eos = rm_tokenizer.eos_token_id if rm_replays else None
     # rollouts come from a plain copy of the policy, refreshed every step, when that saves work: LoRA merged in
-    # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights)
-    sampler_copy = None
-    if cfg.lora or cfg.mixed_precision == "bf16":
+    # (no adapter cost per token) and/or in bf16 (decoding is bound by reading the weights). A plain Llama policy is
+    # decoded in bf16 by the lean decoder with no copy: it casts each weight as it packs it, and keeps the frozen
+    # bottom's and head's packed products from step to step (the copy's refresh and packing cast all 30 blocks)
+    sampler_copy, decoding = None, None
+    policy_module = accelerator.unwrap_model(model).policy
+    if cfg.mixed_precision == "bf16" and not cfg.lora and LlamaDecoder.supports(policy_module):
+        head_frozen = not policy_module.get_output_embeddings().weight.requires_grad
+        decoding = {"dtype": torch.bfloat16, "constant": ConstantProducts(frozen_depth(policy_module), head_frozen)}
+        kept = f"{decoding['constant'].blocks} frozen blocks{' and the head' if head_frozen else ''}"
+        st.say(f"rollouts decoded from the policy itself in bf16 (no copy); packed once for the run: {kept}")
+    elif cfg.lora or cfg.mixed_precision == "bf16":
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-        sampler_copy = inference_copy(accelerator.unwrap_model(model).policy, dtype)
+        sampler_copy = inference_copy(policy_module, dtype)
     per_rank, mini_rank = cfg.batch_size // world, cfg.mini_batch_size // world
     st.say(
         f"{len(prompts)} prompts, {opt.total_steps} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs × "
@@ -387,7 +401,8 @@ def run(cfg: PPOConfig) -> Path:
         if sampler_copy is not None:
             refresh_inference_copy(sampler_copy, sampler)
             sampler = sampler_copy
-        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast=sampler_copy is None)
+        autocast = sampler_copy is None and decoding is None
+        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast, decoding)
         if sampler_copy is not None:
             release_inference_copy(sampler_copy)  # its memory serves the update until the next rollout
         t1 = time.perf_counter()

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from rlhf.models import generation
 from rlhf.models.generation import TransformersDecoder, sample_responses
-from rlhf.models.llama_decoder import LlamaDecoder
+from rlhf.models.llama_decoder import ConstantProducts, LlamaDecoder
 from rlhf.models.tiny import tiny_model, tiny_tokenizer
 
 
@@ -77,3 +77,35 @@ def test_the_lean_forward_declines_models_it_would_compute_wrongly():
     # and a declined model still samples, through the transformers forward
     _, _, responses = generation.sample_responses(lora, [[5, 6, 7]], tok.pad_token_id, tok.eos_token_id, 4, 0.0)
     assert responses.shape == (1, 4) or responses[0, -1] == tok.eos_token_id
+
+
+def test_a_float32_policy_decoded_in_bf16_draws_what_its_bf16_copy_would_and_keeps_only_constant_blocks():
+    tok = tiny_tokenizer()
+    policy = tiny_model(tok)  # float32, 2 blocks: block 0 and the tied head frozen, block 1 trains
+    copy = generation.inference_copy(policy, torch.bfloat16)
+    constant = ConstantProducts(blocks=1, head=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]
+
+    def sample(model, **decoding):
+        torch.manual_seed(0)
+        return sample_responses(model, prompts, tok.pad_token_id, tok.eos_token_id, 12, 0.9, True, True, **decoding)
+
+    draws = []
+    for _ in range(2):
+        generation.refresh_inference_copy(copy, policy)
+        _, _, want_tokens, want_logprobs = sample(copy)
+        _, _, tokens, logprobs = sample(policy, dtype=torch.bfloat16, constant=constant)
+        assert torch.equal(tokens, want_tokens)
+        assert torch.equal(logprobs, want_logprobs)
+        draws.append(logprobs)
+        with torch.no_grad():  # a PPO update moves the block that trains
+            policy.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    assert not torch.equal(draws[0], draws[1])  # the update changed the draw: the trained block was packed again
+    assert set(constant.products) == {"head", (0, "qkv"), (0, "o"), (0, "gate_up"), (0, "down")}
+
+
+def test_decoding_in_another_dtype_is_refused_where_the_lean_decoder_does_not_apply():
+    tok = tiny_tokenizer()
+    lora = get_peft_model(tiny_model(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="lean Llama decoder"):
+        sample_responses(lora, [[5, 6]], tok.pad_token_id, tok.eos_token_id, 2, 0.9, dtype=torch.bfloat16)

@@ -190,6 +190,11 @@ def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path, v
     # started from the policy holds the policy's very bottom, so one forward serves both
     assert "replayed: policy 1 blocks (shared by the reference), value model 1 blocks" in proc.stdout
     assert ("(the policy's own: computed once for both)" in proc.stdout) == (value_init == "policy")
+    # sampling casts the policy as the lean decoder packs it; the frozen bottom and head are packed once a run
+    assert (
+        "decoded from the policy itself in bf16 (no copy); packed once for the run: 1 frozen blocks and the head"
+        in proc.stdout
+    )
     # the reference shares the policy's bottom and still is the SFT model: the first rollouts have KL 0
     assert read_metrics(out, "kl")[0] == pytest.approx(0.0, abs=1e-4)
     sft = load_file(tiny_run[0] / "sft" / "final" / "model.safetensors")
