@@ -375,9 +375,13 @@ def run(cfg: PPOConfig) -> Path:
     policy_module = accelerator.unwrap_model(model).policy
     if cfg.mixed_precision == "bf16" and not cfg.lora and LlamaDecoder.supports(policy_module):
         head_frozen = not policy_module.get_output_embeddings().weight.requires_grad
-        decoding = {"dtype": torch.bfloat16, "constant": ConstantProducts(frozen_depth(policy_module), head_frozen)}
-        kept = f"{decoding['constant'].blocks} frozen blocks{' and the head' if head_frozen else ''}"
-        st.say(f"rollouts decoded from the policy itself in bf16 (no copy); packed once for the run: {kept}")
+        constant = ConstantProducts(frozen_depth(policy_module), head_frozen)
+        decoding = {"dtype": torch.bfloat16, "constant": constant}
+        kept = [f"{constant.blocks} frozen blocks"] * bool(constant.blocks) + ["the head"] * head_frozen
+        st.say(
+            f"rollouts decoded from the policy itself in bf16 (no copy); packed once for the run: "
+            f"{' and '.join(kept) or 'nothing'}"
+        )
     elif cfg.lora or cfg.mixed_precision == "bf16":
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         sampler_copy = inference_copy(policy_module, dtype)
