@@ -93,7 +93,8 @@ def main() -> None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished one starts again
                 finals[name, seed] = str(ppo.run(cfg))
             print(f"seed {seed} {name}: trained", flush=True)
-    # every final policy scored as its own entry, against one scoring of the starting policy
+    # every final policy scored as its own entry, against one scoring of the starting policy (the spec of any seed:
+    # model, reward model, prompts and sampling are the same for all)
     entries = {f"{name}|{seed}": [path] for (name, seed), path in finals.items()}
     scored = bench.reward_gain(spec, entries, samples=args.samples)
     gains: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in variants}

@@ -401,7 +401,7 @@ def run(cfg: PPOConfig) -> Path:
         t0 = time.perf_counter()
         indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(prompts), cfg.seed)
         mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-        sampler = accelerator.unwrap_model(model).policy
+        sampler = policy_module
         if sampler_copy is not None:
             refresh_inference_copy(sampler_copy, sampler)
             sampler = sampler_copy
