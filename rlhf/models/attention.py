@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.models.lean import compute_dtype
+from rlhf.models.unpadded import Layout, padded_attention, skip_padding
 
 ATTENTION = "rlhf_small"
 MAX_SCORES = 1 << 22
@@ -36,7 +37,15 @@ def small_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     never repeated; and the probabilities multiply the values in float32 (rounding them to bf16 first, as eager
     attention does, made the gradients of a bf16 forward 1.3× further from float32's than the fused kernel's;
     this is 1.15×). Masked scores get float32's lowest value rather than −inf, so a row with nothing to attend to
-    (a left-padding position) averages instead of giving NaN; its output is never read."""
+    (a left-padding position) averages instead of giving NaN; its output is never read.
+
+    Given a `Layout` as the mask (a forward that skips the padding, rlhf/models/unpadded.py), query, key and value
+    hold the real tokens only, (1, H, N, D): they are computed in the padded layout and the output packed again."""
+    if isinstance(attention_mask, Layout):
+        dtype = compute_dtype(query) or query.dtype
+        return padded_attention(
+            small_attention, module, query, key, value, attention_mask, dtype, dropout, scaling, is_causal, **kwargs
+        )
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -79,9 +88,11 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 def use_small_attention(model) -> bool:
     """Switch a transformers model that uses SDPA attention to `small_attention` (the same masks; the same results
-    to rounding, and SDPA itself wherever the plain products do not pay); other attention implementations (eager,
-    flash attention on a GPU) are left alone. Returns whether it switched."""
+    to rounding, and SDPA itself wherever the plain products do not pay), and make its blocks skip the padding of
+    padded batches where that computes the same (`skip_padding`); other attention implementations (eager, flash
+    attention on a GPU) are left alone. Returns whether it switched."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     model.set_attn_implementation(ATTENTION)
+    skip_padding(model)
     return True

@@ -64,7 +64,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per sequence, (B,), read at its last real token."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+    out = model(input_ids=input_ids, **kwargs)  # no cache: the blocks skip the padding (rlhf/models/unpadded.py)
     return out.logits[:, 0].float()
 
 
@@ -97,7 +98,8 @@ def center_on_reference(model, sequences: list[list[int]], pad_id: int, batch_si
     for i in range(0, len(sequences), batch_size):
         ids, mask = pad_batch(sequences[i : i + batch_size], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        h = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        h = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        h = h.last_hidden_state
         last = mask.sum(-1) - 1  # right padding: the last real token
         hidden.append(h[torch.arange(len(ids)), last].float())  # (b, d)
     mu = torch.cat(hidden).mean(0)  # (d,)

@@ -65,7 +65,8 @@ def summed_logprobs(model, generations: list[dict], pad_id: int, batch_size: int
     for i in range(0, len(generations), batch_size):
         chunk = generations[i : i + batch_size]
         ids, mask = pad_batch([g["prompt_ids"] + g["ids"] for g in chunk], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.float()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        logits = out.logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
         for row, g in zip(logp, chunk, strict=True):
             start = len(g["prompt_ids"]) - 1  # position start predicts the first response token

@@ -1,0 +1,164 @@
+"""Decoder blocks that compute the real tokens only, not the padding.
+
+A batch of sequences of different lengths is padded to the longest: a PPO step's 8 rollouts of prompts of 37–58
+tokens plus 32-token responses are 16% padding, a batch of demonstrations often a third or more. Every product,
+norm and element-wise op of every block computed those positions for nothing. Here, during a trunk's forward, the
+blocks take the real tokens of all rows as one sequence, (1, N, hidden), and only attention, which must keep the
+rows apart, sees them in the padded layout (B, T): queries, keys and values are scattered into it and the output is
+gathered back (`padded_attention`). The trunk's output is put back into the padded layout, zeros at the padding,
+so its callers see the same shapes as before, and the same values at the real tokens up to float rounding.
+
+The plain version, which this replaces inside each block:
+    hidden = block(hidden)                      # (B, T, hidden), padding included
+Here:
+    hidden = pack(hidden)                       # (1, N, hidden), the real tokens row after row
+    hidden = block(hidden)                      # attention: unpack q, k, v to (B, H, T, d), pack the output
+    hidden = unpack(hidden)                     # after the last block and the final norm
+
+It is done with hooks on the trunk and its blocks (`skip_padding`), so the transformers model, its saved form and
+every caller stay as they are. A forward packs when it is given a padding mask (2-D, with zeros) and keeps no KV
+cache (a cache is read later in the padded layout); generation and unpadded batches run as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+_now = threading.local()  # .layout: the padding layout of the trunk forward now running (None: run as they are)
+
+
+@dataclass
+class Layout:
+    """Where the real tokens of a padded batch are: `index` (N,), their flat positions b·T + t, row after row."""
+
+    rows: int
+    length: int
+    index: torch.Tensor  # (N,) long
+    mask: torch.Tensor  # (B, 1, T, T) bool: attend to earlier real tokens; every position also to itself
+    packed: dict = field(default_factory=dict)  # id(tensor) → its packed form, for tensors every block is given
+    started: bool = False  # the first block has packed the hidden states
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Layout:
+        real = attention_mask.bool()  # (B, T)
+        b, t = real.shape
+        causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
+        # A padding position attends to itself only: its output is never read, but a row with nothing to attend to
+        # would give NaN in SDPA, and NaN times the zero gradient it gets is still NaN.
+        mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=real.device)
+        return cls(b, t, real.flatten().nonzero().squeeze(1), mask[:, None])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B or 1, T, …) → (1, N, …): the real tokens, row after row."""
+        x = x.expand(self.rows, self.length, *x.shape[2:])
+        return x.reshape(self.rows * self.length, *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N, …) → (B, T, …), zeros at the padding."""
+        rest = x.shape[2:]
+        out = x.new_zeros(self.rows * self.length, *rest).index_copy(0, self.index, x[0])
+        return out.view(self.rows, self.length, *rest)
+
+    def pack_once(self, x: torch.Tensor) -> torch.Tensor:
+        """`pack` of a tensor that every block is given (the rotary cos and sin, the positions): packed once."""
+        key = id(x)
+        if key not in self.packed:
+            self.packed[key] = (x, self.pack(x))  # holding x keeps its id from being reused
+        return self.packed[key][1]
+
+
+def padded_attention(attention, module, query, key, value, layout: Layout, dtype, *args, **kwargs):
+    """`attention` (an attention-interface function) of packed queries, keys and values, (1, H, N, d), computed in
+    the padded layout with `layout.mask`; returns the packed output (1, N, H, d). They are cast to `dtype` (what
+    the attention multiplies in, autocast's dtype) before they are moved: fewer bytes, the same values."""
+    q, k, v = (layout.unpack(x.transpose(1, 2).to(dtype)).transpose(1, 2) for x in (query, key, value))
+    out, weights = attention(module, q, k, v, layout.mask, *args, **kwargs)  # (B, T, H, d)
+    return layout.pack(out), weights
+
+
+def skip_padding(model) -> bool:
+    """Make `model`'s trunk compute only the real tokens of padded batches (its attention must accept a `Layout`
+    as its mask: `rlhf.models.attention.small_attention`). Kept only if, on a probe batch with padding, the outputs
+    at the real tokens equal the padded forward's to float rounding; returns whether it is kept."""
+    from rlhf.models.freeze import decoder_layers, trunk_of
+
+    trunk = trunk_of(model)
+    if getattr(trunk, "_rlhf_skip_padding", False):
+        return True
+    try:
+        blocks = decoder_layers(model)
+    except ValueError:
+        return False
+    padded = _probe(trunk)
+    handles = [
+        trunk.register_forward_pre_hook(_trunk_starts, with_kwargs=True),
+        trunk.register_forward_hook(_trunk_ends, always_call=True),
+        *(block.register_forward_pre_hook(_block_starts, with_kwargs=True) for block in blocks),
+    ]
+    packed = _probe(trunk)
+    if padded is None or packed is None or not torch.allclose(packed, padded, rtol=1e-4, atol=1e-4):
+        for h in handles:
+            h.remove()
+        return False
+    trunk._rlhf_skip_padding = True
+    return True
+
+
+def _trunk_starts(trunk, args, kwargs) -> None:
+    mask = kwargs.get("attention_mask")
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(trunk.config, "use_cache", False)
+    keeps = use_cache or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    outputs = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+    padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
+    _now.layout = Layout.of(mask) if padded and not keeps and not outputs else None
+
+
+def _block_starts(block, args, kwargs):
+    layout = getattr(_now, "layout", None)
+    if layout is None:
+        return None
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    if not layout.started:  # the first block: (B, T, hidden) → (1, N, hidden)
+        hidden, layout.started = layout.pack(hidden), True
+    kwargs["attention_mask"] = layout
+    if kwargs.get("position_embeddings") is not None:
+        kwargs["position_embeddings"] = tuple(layout.pack_once(x) for x in kwargs["position_embeddings"])
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = layout.pack_once(kwargs["position_ids"])
+    return (hidden, *args[1:]), kwargs
+
+
+def _trunk_ends(trunk, args, output):
+    layout, _now.layout = getattr(_now, "layout", None), None
+    if layout is None or not layout.started or output is None:
+        return None
+    output.last_hidden_state = layout.unpack(output.last_hidden_state)
+    return output
+
+
+@torch.no_grad()
+def _probe(trunk) -> torch.Tensor | None:
+    """The output of the trunk's first block at the real tokens of a left- and a right-padded row (None: the forward
+    failed). One block: every block is alike, and reading all of them would page the whole of a memory-mapped
+    checkpoint into memory at load (200 MB more peak memory in a PPO run of four 135M models)."""
+    from rlhf.models.freeze import only_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    weight = trunk.get_input_embeddings().weight
+    ids = torch.randint(0, weight.shape[0], (2, 6), generator=gen).to(weight.device)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], device=weight.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        with only_blocks(trunk, 0, 1):
+            out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = out.last_hidden_state
+    except Exception:  # noqa: BLE001 — an architecture whose blocks cannot run packed keeps its own forward
+        return None
+    finally:
+        _now.layout = None
+    return out[mask.bool()]

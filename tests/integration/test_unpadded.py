@@ -1,0 +1,90 @@
+"""Blocks that skip the padding compute what the padded forward computes at the real tokens (tiny model)."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf.models.load import load_causal_lm
+from rlhf.models.reward import position_ids
+from rlhf.models.unpadded import skip_padding
+
+
+def without_hooks(model):
+    """The same model computing the padded way: a copy with every module hook removed."""
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return plain
+
+
+def block_inputs(model) -> list[tuple]:
+    """The shapes of what block 0 is given in each forward (recorded after the packing hook)."""
+    shapes = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def ppo_rows():
+    """Prompts left-padded, responses right-padded after EOS, as a PPO step lays out its rollouts; (B, T)."""
+    mask = torch.tensor(
+        [
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        ]
+    )
+    ids = torch.randint(5, 200, mask.shape, generator=torch.Generator().manual_seed(0))
+    return ids, mask
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_padding_is_skipped_with_the_same_outputs_and_gradients(autocast):
+    model, _ = load_causal_lm("tiny")
+    assert model.model._rlhf_skip_padding
+    plain = without_hooks(model)
+    shapes = block_inputs(model)
+    ids, mask = ppo_rows()
+    real = mask.bool()
+    results = []
+    for m in (model, plain):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = m(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        logits = out.logits.float()
+        (logits[real].log_softmax(-1)[:, 7].sum()).backward()
+        results.append((logits, {n: p.grad for n, p in m.named_parameters()}))
+    assert shapes == [(1, int(mask.sum()), 64)]  # block 0 saw the real tokens only, as one sequence
+    (packed, grads), (padded, plain_grads) = results
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(packed[real], padded[real], rtol=tol, atol=tol)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=tol, atol=tol * g.abs().max().item(), msg=name)
+    # the padding leaves the trunk as zeros: the final norm of zero is zero, so the logits there are the head's 0
+    assert packed[~real].abs().max() == 0
+
+
+def test_forwards_that_keep_a_cache_run_padded_and_generate_the_same():
+    model, tokenizer = load_causal_lm("tiny")
+    plain = without_hooks(model)
+    shapes = block_inputs(model)
+    ids, mask = ppo_rows()
+    ids, mask = ids[:, :6], mask[:, :6]  # left-padded prompts
+    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    torch.testing.assert_close(model.generate(ids, **kwargs), plain.generate(ids, **kwargs), rtol=0, atol=0)
+    assert shapes and all(s[:2] != (1, int(mask.sum())) for s in shapes)  # padded: the cache is read later
+    shapes.clear()
+    model(input_ids=ids, attention_mask=torch.ones_like(mask), use_cache=False)
+    assert shapes == [(3, 6, 64)]  # no padding: nothing to skip
+
+
+def test_a_model_whose_attention_cannot_skip_padding_keeps_its_own_forward():
+    model, _ = load_causal_lm("tiny")
+    eager = without_hooks(model)
+    eager.model._rlhf_skip_padding = False
+    eager.set_attn_implementation("eager")  # does not know the packed layout: the probe fails
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in eager.modules())
+    assert not skip_padding(eager)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in eager.modules()) == hooks
+    ids, mask = ppo_rows()
+    eager(input_ids=ids, attention_mask=mask, use_cache=False)  # runs, padded
