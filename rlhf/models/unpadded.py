@@ -16,8 +16,9 @@ Here:
     hidden = unpack(hidden)                     # after the last block and the final norm
 
 It is done with hooks on the trunk and its blocks (`skip_padding`), so the transformers model, its saved form and
-every caller stay as they are. A forward packs when it is given a padding mask (2-D, with zeros) and keeps no KV
-cache (a cache is read later in the padded layout); generation and unpadded batches run as before.
+every caller stay as they are. A forward packs when it is given a padding mask (2-D, with zeros), keeps no KV cache
+(a cache is read later in the padded layout) and checkpoints no activations (a block run again in the backward would
+miss the layout); generation and unpadded batches run as before.
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ def _trunk_starts(trunk, args, kwargs) -> None:
         use_cache = getattr(trunk.config, "use_cache", False)
     keeps = use_cache or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
     outputs = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+    # activation checkpointing runs a block again in the backward, after this forward's layout is gone
+    recomputes = trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in (trunk, *trunk.layers))
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
-    _now.layout = Layout.of(mask) if padded and not keeps and not outputs else None
+    _now.layout = Layout.of(mask) if padded and not (keeps or outputs or recomputes) else None
 
 
 def _block_starts(block, args, kwargs):

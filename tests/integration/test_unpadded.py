@@ -78,6 +78,24 @@ def test_forwards_that_keep_a_cache_run_padded_and_generate_the_same():
     assert shapes == [(3, 6, 64)]  # no padding: nothing to skip
 
 
+def test_activation_checkpointing_runs_padded():
+    model, _ = load_causal_lm("tiny")
+    plain = without_hooks(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    shapes = block_inputs(model)
+    ids, mask = ppo_rows()
+    kwargs = {"attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
+    model(input_ids=ids, **kwargs).logits.float().square().mean().backward()  # the blocks run again: still padded
+    assert shapes and all(s == (3, 11, 64) for s in shapes)
+    model.eval()
+    shapes.clear()
+    with torch.no_grad():
+        packed = model(input_ids=ids, **kwargs).logits
+    assert shapes == [(1, int(mask.sum()), 64)]  # not training: nothing is run again, so it packs
+    torch.testing.assert_close(packed[mask.bool()], plain(input_ids=ids, **kwargs).logits[mask.bool()])
+
+
 def test_a_model_whose_attention_cannot_skip_padding_keeps_its_own_forward():
     model, _ = load_causal_lm("tiny")
     eager = without_hooks(model)
