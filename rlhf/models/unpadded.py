@@ -93,6 +93,10 @@ def skip_padding(model) -> bool:
         blocks = decoder_layers(model)
     except ValueError:
         return False
+    from rlhf.models.attention import ATTENTION
+
+    if getattr(trunk.config, "_attn_implementation", None) != ATTENTION or not _all_full_attention(trunk, blocks):
+        return False
     padded = _probe(trunk)
     handles = [
         trunk.register_forward_pre_hook(_trunk_starts, with_kwargs=True),
@@ -108,17 +112,35 @@ def skip_padding(model) -> bool:
     return True
 
 
+def _all_full_attention(trunk, blocks) -> bool:
+    """Every block alike and attending to all earlier tokens: the layout's mask is plain causal, so a sliding window
+    (Mistral, Phi-3, Qwen2's upper layers, Gemma3) or a stack of mixed layer types would be lost; the probe, one
+    block of 6 tokens, could not see either."""
+    types = set(getattr(trunk.config, "layer_types", None) or ["full_attention"])
+    windows = [getattr(trunk.config, "sliding_window", None)]  # Mistral, Qwen2 with use_sliding_window
+    windows += [getattr(getattr(b, "self_attn", None), "sliding_window", None) for b in blocks]
+    return types == {"full_attention"} and not any(windows) and len({type(b) for b in blocks}) == 1
+
+
+def _flag(trunk, kwargs, name: str) -> bool:
+    """A forward's own setting, else its config's (as transformers reads use_cache, output_hidden_states, …)."""
+    value = kwargs.get(name)
+    return bool(getattr(trunk.config, name, False) if value is None else value)
+
+
 def _trunk_starts(trunk, args, kwargs) -> None:
     mask = kwargs.get("attention_mask")
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(trunk.config, "use_cache", False)
-    keeps = use_cache or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    outputs = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+    keeps = _flag(trunk, kwargs, "use_cache") or kwargs.get("cache") is not None
+    keeps = keeps or kwargs.get("past_key_values") is not None
+    outputs = _flag(trunk, kwargs, "output_hidden_states") or _flag(trunk, kwargs, "output_attentions")
+    # the attention the hooks were installed for (switched since, another would be handed a Layout as its mask)
+    from rlhf.models.attention import ATTENTION  # (it imports this module)
+
+    small = getattr(trunk.config, "_attn_implementation", None) == ATTENTION
     # activation checkpointing runs a block again in the backward, after this forward's layout is gone
     recomputes = trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in (trunk, *trunk.layers))
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
-    _now.layout = Layout.of(mask) if padded and not (keeps or outputs or recomputes) else None
+    _now.layout = Layout.of(mask) if padded and small and not (keeps or outputs or recomputes) else None
 
 
 def _block_starts(block, args, kwargs):
@@ -140,6 +162,8 @@ def _trunk_ends(trunk, args, output):
     layout, _now.layout = getattr(_now, "layout", None), None
     if layout is None or not layout.started or output is None:
         return None
+    if isinstance(output, tuple):  # return_dict=False
+        return (layout.unpack(output[0]), *output[1:])
     output.last_hidden_state = layout.unpack(output.last_hidden_state)
     return output
 

@@ -96,6 +96,29 @@ def test_activation_checkpointing_runs_padded():
     torch.testing.assert_close(packed[mask.bool()], plain(input_ids=ids, **kwargs).logits[mask.bool()])
 
 
+def test_forwards_that_return_every_layer_run_padded():
+    model, _ = load_causal_lm("tiny")
+    shapes = block_inputs(model)
+    ids, mask = ppo_rows()
+    model.config.output_hidden_states = True  # from the config, not the call
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert shapes == [(3, 11, 64)] and all(h.shape[:2] == (3, 11) for h in out.hidden_states)
+
+
+def test_a_sliding_window_model_keeps_the_padding():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rlhf.models.attention import use_small_attention
+
+    config = MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = MistralForCausalLM(config)
+    assert use_small_attention(model)
+    assert not getattr(model.model, "_rlhf_skip_padding", False)  # its window is not in the layout's mask
+
+
 def test_a_model_whose_attention_cannot_skip_padding_keeps_its_own_forward():
     model, _ = load_causal_lm("tiny")
     eager = without_hooks(model)
