@@ -82,19 +82,20 @@ def padded_attention(attention, module, query, key, value, layout: Layout, dtype
 
 def skip_padding(model) -> bool:
     """Make `model`'s trunk compute only the real tokens of padded batches (its attention must accept a `Layout`
-    as its mask: `rlhf.models.attention.small_attention`). Kept only if, on a probe batch with padding, the outputs
-    at the real tokens equal the padded forward's to float rounding; returns whether it is kept."""
+    as its mask: `rlhf.models.attention.small_attention`). Declined for a sliding window or mixed layer types (the
+    layout's mask is plain causal), and kept only if, on a probe batch with padding, the outputs at the real tokens
+    equal the padded forward's to float rounding; returns whether it is kept. The hooks act only while the model
+    keeps the attention they were installed with."""
+    from rlhf.models.attention import ATTENTION  # (it imports this module)
     from rlhf.models.freeze import decoder_layers, trunk_of
 
     trunk = trunk_of(model)
-    if getattr(trunk, "_rlhf_skip_padding", False):
+    if getattr(trunk, "_rlhf_skip_padding", None):
         return True
     try:
         blocks = decoder_layers(model)
     except ValueError:
         return False
-    from rlhf.models.attention import ATTENTION
-
     if getattr(trunk.config, "_attn_implementation", None) != ATTENTION or not _all_full_attention(trunk, blocks):
         return False
     padded = _probe(trunk)
@@ -103,12 +104,13 @@ def skip_padding(model) -> bool:
         trunk.register_forward_hook(_trunk_ends, always_call=True),
         *(block.register_forward_pre_hook(_block_starts, with_kwargs=True) for block in blocks),
     ]
+    trunk._rlhf_skip_padding = ATTENTION  # the attention the hooks work with (`_trunk_starts` checks it)
     packed = _probe(trunk)
     if padded is None or packed is None or not torch.allclose(packed, padded, rtol=1e-4, atol=1e-4):
         for h in handles:
             h.remove()
+        del trunk._rlhf_skip_padding
         return False
-    trunk._rlhf_skip_padding = True
     return True
 
 
@@ -134,9 +136,7 @@ def _trunk_starts(trunk, args, kwargs) -> None:
     keeps = keeps or kwargs.get("past_key_values") is not None
     outputs = _flag(trunk, kwargs, "output_hidden_states") or _flag(trunk, kwargs, "output_attentions")
     # the attention the hooks were installed for (switched since, another would be handed a Layout as its mask)
-    from rlhf.models.attention import ATTENTION  # (it imports this module)
-
-    small = getattr(trunk.config, "_attn_implementation", None) == ATTENTION
+    small = getattr(trunk.config, "_attn_implementation", None) == getattr(trunk, "_rlhf_skip_padding", None)
     # activation checkpointing runs a block again in the backward, after this forward's layout is gone
     recomputes = trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in (trunk, *trunk.layers))
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
@@ -174,12 +174,13 @@ def _probe(trunk) -> torch.Tensor | None:
     failed). One block: every block is alike, and reading all of them would page the whole of a memory-mapped
     checkpoint into memory at load (200 MB more peak memory in a PPO run of four 135M models)."""
     from rlhf.models.freeze import only_blocks
+    from rlhf.models.reward import position_ids
 
     gen = torch.Generator().manual_seed(0)
     weight = trunk.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (2, 6), generator=gen).to(weight.device)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], device=weight.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     try:
         with only_blocks(trunk, 0, 1):
             out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)

@@ -72,10 +72,31 @@ def test_forwards_that_keep_a_cache_run_padded_and_generate_the_same():
     ids, mask = ids[:, :6], mask[:, :6]  # left-padded prompts
     kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     torch.testing.assert_close(model.generate(ids, **kwargs), plain.generate(ids, **kwargs), rtol=0, atol=0)
-    assert shapes and all(s[:2] != (1, int(mask.sum())) for s in shapes)  # padded: the cache is read later
+    assert shapes and all(s[0] == 3 for s in shapes)  # the 3 rows padded: the cache is read later
     shapes.clear()
     model(input_ids=ids, attention_mask=torch.ones_like(mask), use_cache=False)
     assert shapes == [(3, 6, 64)]  # no padding: nothing to skip
+
+
+def test_scoring_and_evaluation_forwards_skip_the_padding():
+    """Their models keep a KV cache by default (config use_cache): the callers must say they keep none."""
+    from rlhf.models.reward import load_reward_model, score
+    from rlhf.stages.evaluate import summed_logprobs
+
+    ids, mask = ppo_rows()
+    reward_model, tokenizer = load_reward_model("tiny")
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)  # it reads each row at its last non-pad token
+    assert reward_model.config.use_cache
+    shapes = block_inputs(reward_model)
+    scores = score(reward_model, ids, mask)
+    assert shapes == [(1, int(mask.sum()), 64)]
+    torch.testing.assert_close(scores, score(without_hooks(reward_model), ids, mask))
+    policy, _ = load_causal_lm("tiny")
+    shapes = block_inputs(policy)
+    rows = [{"prompt_ids": [5, 6, 7], "ids": [8, 9]}, {"prompt_ids": [5, 6], "ids": [8]}]
+    summed = summed_logprobs(policy, rows, tokenizer.pad_token_id, batch_size=2)
+    assert shapes == [(1, 5 + 3, 64)]
+    torch.testing.assert_close(torch.tensor(summed), torch.tensor(summed_logprobs(without_hooks(policy), rows, 0, 2)))
 
 
 def test_activation_checkpointing_runs_padded():
