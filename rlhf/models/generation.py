@@ -77,6 +77,8 @@ def sample_responses(
     with_logprobs: bool = False,
     dtype: torch.dtype | None = None,
     constant: ConstantProducts | None = None,
+    bottom: int = 0,
+    append: int | None = None,
 ):
     """Sample one response per tokenised prompt, as token ids for training on.
 
@@ -87,11 +89,19 @@ def sample_responses(
     logits already, so a PPO step needs no second forward pass of the policy for them.
     `dtype` and `constant` (`LlamaDecoder`'s, where it applies): decode in `dtype`, casting the weights as they are
     packed, keeping the packed products of the blocks `constant` names from call to call.
+    `bottom` = k (lean decoder): also the hidden states leaving the model's block k − 1 at every position of prompt
+    and response, which decoding computed anyway (the last token's through those k blocks alone), and of one more
+    column holding `append` where that is given (B, P + T [+ 1], hidden) float32, undefined at padding; returned
+    after the log-probs (None without `with_logprobs`): a PPO step reads its frozen bottom's output from here
+    instead of running those blocks again.
     """
     if with_logprobs and (temperature <= 0 or top_p < 1):
         raise ValueError("log-probs of the sampling distribution need temperature > 0 and top_p = 1")
-    if (dtype is not None or constant is not None) and not LlamaDecoder.supports(model):
-        raise ValueError("decoding in another dtype or with constant products needs the lean Llama decoder")
+    if (dtype is not None or constant is not None or bottom) and not LlamaDecoder.supports(model):
+        raise ValueError(
+            "decoding in another dtype, with constant products or keeping a bottom's output needs the lean Llama "
+            "decoder"
+        )
     width = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -99,9 +109,11 @@ def sample_responses(
         prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), 1
     model.eval()
     if LlamaDecoder.supports(model):
-        decoder = LlamaDecoder(model, len(prompts), width + max_new_tokens, dtype, constant)
+        after = None if not bottom else [] if append is None else [append]  # tokens after the last one
+        length = width + max_new_tokens + len(after or [])
+        decoder = LlamaDecoder(model, len(prompts), length, dtype, constant, record=bottom)
         responses, logprobs = decode(
-            decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs
+            decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs, after
         )
     else:
         with packed_linears(model, len(prompts)):
@@ -109,14 +121,21 @@ def sample_responses(
             responses, logprobs = decode(
                 decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs
             )
+    if bottom:
+        hidden = decoder.recorded[:, : width + responses.shape[1] + len(after)]  # (B, P + T [+ 1], hidden)
+        return prompt_ids, prompt_mask, responses, logprobs, hidden
     if not with_logprobs:
         return prompt_ids, prompt_mask, responses
     return prompt_ids, prompt_mask, responses, logprobs
 
 
-def decode(decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs):
+def decode(
+    decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, temperature, top_p, with_logprobs, after=None
+):
     """The decoding loop: the prompts into the decoder's KV cache, then one token per row at a time.
-    Returns (responses (B, T) padded with pad_id after each row's EOS, logprobs (B, T) float32 or None)."""
+    Returns (responses (B, T) padded with pad_id after each row's EOS, logprobs (B, T) float32 or None).
+    `after` (a list of token ids; the decoder records a bottom): the last token, which no step feeds, and then
+    these through the decoder's recorded bottom (`LlamaDecoder.extend_bottom`)."""
     mask = prompt_mask.to(decoder.device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding does not shift the positions of real tokens
     logits = decoder.prefill(prompt_ids.to(decoder.device), mask, positions)  # (B, V)
@@ -133,6 +152,9 @@ def decode(decoder, prompt_ids, prompt_mask, pad_id, eos_id, max_new_tokens, tem
             break
         position = position + 1
         logits = decoder.step(token, position)
+    if after is not None:
+        tail = torch.stack([token, *(torch.full_like(token, t) for t in after)], 1)  # (B, 1 + len(after))
+        decoder.extend_bottom(tail, position + 1 + torch.arange(tail.shape[1], device=tail.device))
     responses = torch.stack(tokens, 1).cpu()  # (B, T)
     return responses, (torch.stack(logprobs, 1).cpu() if with_logprobs else None)
 

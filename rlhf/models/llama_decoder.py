@@ -16,10 +16,16 @@ attention). Logits equal the transformers forward's to rounding (tests/integrati
 It applies where `LlamaDecoder.supports(model)`: a plain `LlamaForCausalLM` on a CPU (no LoRA wrapper, no biases,
 SiLU), outside autocast; everything else decodes through the transformers forward.
 
-Given a `dtype`, it decodes a model of another precision in that one: each weight is cast as it is packed, so PPO
-samples its float32 policy in bf16 without a bf16 copy of the whole model beside it. With `ConstantProducts` the
+Given a `dtype`, it multiplies a model of another precision in that one: each weight is cast as it is packed, so PPO
+samples its float32 policy in bf16 without a bf16 copy of the whole model beside it. The residual stream and the
+norms keep the model's precision, as under autocast: the frozen bottom's output of the embedded model decoded in
+bf16 is within 0.25% (relative L2) of the autocast forward's, against 0.95% with a bf16 residual stream. With `ConstantProducts` the
 packed products of blocks that never change (a policy's frozen bottom, a frozen LM head) are kept from one call to
 the next: cast and packed once a run instead of once a PPO step.
+
+Given `record` = k, it also keeps what leaves block k − 1 at every position it computes (`recorded`), and
+`extend_bottom` runs those k blocks alone on tokens after the last sampled one: the hidden states of a frozen
+bottom of k blocks over prompt and response, which PPO would otherwise compute again in a forward of its own.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class ConstantProducts:
 
 class LlamaDecoder:
     """Prefill, then one token per call, for `rows` sequences of at most `length` tokens (prompt + response), in
-    `dtype` (default: the model's)."""
+    `dtype` (default: the model's). With `record` = k, the hidden states leaving block k − 1 at every position
+    computed are kept in `recorded` (rows, length, hidden), float32."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -79,7 +86,13 @@ class LlamaDecoder:
 
     @torch.no_grad()
     def __init__(
-        self, model, rows: int, length: int, dtype: torch.dtype | None = None, constant: ConstantProducts | None = None
+        self,
+        model,
+        rows: int,
+        length: int,
+        dtype: torch.dtype | None = None,
+        constant: ConstantProducts | None = None,
+        record: int = 0,
     ):
         cfg, inner = model.config, model.model
         self.device = model.device
@@ -98,8 +111,8 @@ class LlamaDecoder:
 
             return make() if constant is None or key is None else constant.get(key, rows, make)
 
-        def norm(module):
-            return module.weight.detach().to(self.dtype), module.variance_epsilon
+        def norm(module):  # in the residual stream's precision, as the model's own norms are
+            return module.weight.detach(), module.variance_epsilon
 
         self.rotary = inner.rotary_emb
         self.norm = norm(inner.norm)
@@ -128,6 +141,10 @@ class LlamaDecoder:
         # rotate_half(x)·sin = roll(x, d/2)·(sin with its first half negated): one roll instead of two slices and a cat
         self.sign = torch.cat([-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)])
         self.filled = 0
+        if not 0 <= record <= len(self.layers):
+            raise ValueError(f"record ({record}) must be between 0 and the model's {len(self.layers)} blocks")
+        self.record = record
+        self.recorded = torch.zeros(rows, length, cfg.hidden_size) if record else None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, mask, positions (B, P): the left-padded prompts -> logits of their last position (B, V)."""
@@ -141,13 +158,24 @@ class LlamaDecoder:
         self.key_mask[:, self.filled] = True
         return self.forward(token[:, None], position)
 
+    def extend_bottom(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """ids, positions (B, n): more tokens per row (the last sampled one, which no step fed, and any after it)
+        through the recorded bottom blocks only, recording their hidden states; no logits, and no steps after."""
+        if not self.record:
+            raise ValueError("extend_bottom needs a decoder built with record > 0")
+        self.key_mask[:, self.filled : self.filled + ids.shape[1]] = True
+        self.forward(ids, positions, stop=self.record)
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, stop: int | None = None) -> torch.Tensor | None:
+        """The new tokens' logits at their last position (B, V); with `stop`, blocks [0, stop) only and None."""
         b, n = ids.shape  # n new tokens per row, at cache positions [start, end)
         start, end = self.filled, self.filled + n
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         g = nh // nkv  # query heads per key/value head
-        x = F.embedding(ids, self.embed).to(self.dtype)  # (B, n, H)
+        # the residual stream keeps the model's precision, the products run in self.dtype: a float32 model decoded
+        # in bf16 computes what it computes under bf16 autocast
+        x = F.embedding(ids, self.embed)  # (B, n, H)
         cos, sin = (t.float() for t in self.rotary(x, positions))  # (B, n, d) each
         cos, sin = cos[:, :, None], (sin * self.sign)[:, :, None]  # (B, n, 1, d)
         # additive mask, the same for every layer: a query sees the real tokens up to its own position
@@ -155,8 +183,8 @@ class LlamaDecoder:
         seen = self.key_mask[:, None, :end] & causal  # (B, n, end)
         bias = torch.zeros(seen.shape).masked_fill_(~seen, torch.finfo(torch.float32).min)
         bias = bias[:, None, None].expand(b, nkv, g, n, end).reshape(b * nkv, g * n, end)
-        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = qkv_proj(rms_norm(x, *norm1)).float()  # (B, n, (nh + 2·nkv)·d)
+        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers[:stop]):
+            qkv = qkv_proj(rms_norm(x, *norm1).to(self.dtype)).float()  # (B, n, (nh + 2·nkv)·d)
             qk = qkv[..., : (nh + nkv) * d].unflatten(-1, (nh + nkv, d))  # (B, n, nh + nkv, d)
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
             q = qk[:, :, :nh].unflatten(2, (nkv, g)).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * n, d)
@@ -167,10 +195,14 @@ class LlamaDecoder:
             out = torch.bmm(torch.softmax(scores, -1), self.values[i][:, :end])  # (B·nkv, g·n, d)
             out = out.view(b, nkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, nh * d).to(self.dtype)
             x = x + o_proj(out)
-            gate_up = gate_up_proj(rms_norm(x, *norm2))  # (B, n, 2·F)
+            gate_up = gate_up_proj(rms_norm(x, *norm2).to(self.dtype))  # (B, n, 2·F)
             x = x + down_proj(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+            if i + 1 == self.record:
+                self.recorded[:, start:end] = x
         self.filled = end
-        return self.head(rms_norm(x[:, -1:], *self.norm))[:, 0]  # (B, V)
+        if stop is not None:
+            return None
+        return self.head(rms_norm(x[:, -1:], *self.norm).to(self.dtype))[:, 0]  # (B, V)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -54,11 +54,13 @@ class PolicyAndValue(torch.nn.Module):
         out = forward_from(trunk, input_ids, bottom, self.value_depth, **forward_kwargs(attention_mask))
         return head(out.last_hidden_state[:, context - 1 : -1]).squeeze(-1).float()
 
-    def bottoms(self, input_ids, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def bottoms(self, input_ids, attention_mask, policy=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The hidden states leaving the frozen bottom of the policy and of the value model (None where nothing is
-        replayed): computed once per step, they stand in for those blocks in every later forward of the same rows."""
+        replayed): computed once per step, they stand in for those blocks in every later forward of the same rows.
+        `policy`: the policy's, already known (kept from decoding these rows), so only the value model's runs."""
         kwargs = forward_kwargs(attention_mask)
-        policy = bottom_output(self.policy, self.policy_depth, input_ids, **kwargs) if self.policy_depth else None
+        if policy is None and self.policy_depth:
+            policy = bottom_output(self.policy, self.policy_depth, input_ids, **kwargs)
         if self.value_bottom_is_policys:
             return policy, policy
         trunk = self.value_parts()[0]

@@ -110,6 +110,9 @@ class Rollouts:
     texts: list[str]
     prompt_ids: list[str]
     logprobs: torch.Tensor | None  # (B, T) float32 under the sampling distribution; undefined where ~response_mask
+    # what the policy's frozen bottom gives for these rows, kept from decoding (B, P + T [+ 1 with an EOS column for
+    # the reward model]) float32, zero at padding; None: the scoring forward computes it
+    bottom: torch.Tensor | None = None
 
 
 def logprobs_from_sampling(cfg: PPOConfig, accelerator) -> bool:
@@ -134,12 +137,13 @@ def rollout(
     st, cfg, policy, tokenizer, prompts, encoded, indices, step, autocast: bool = True, decoding: dict | None = None
 ) -> Rollouts:
     """Sample one response per prompt; the response mask ends at the first EOS (padding after it is not trained).
-    `policy` is the policy itself (autocast, or `decoding`: the lean decoder's dtype and constant products), or its
-    inference copy (already in the precision to sample in)."""
+    `policy` is the policy itself (autocast, or `decoding`: the lean decoder's dtype, constant products, and the
+    frozen bottom whose output to keep, `bottom` and `append`), or its inference copy (already in the precision to
+    sample in)."""
     torch.manual_seed(rollout_seed(cfg.seed, step, st.accelerator.process_index))
     policy.eval()
     with st.accelerator.autocast() if autocast else contextlib.nullcontext():
-        prompt_ids, prompt_mask, responses, *logprobs = sample_responses(
+        prompt_ids, prompt_mask, responses, *rest = sample_responses(
             policy,
             [encoded[i] for i in indices],
             tokenizer.pad_token_id,
@@ -159,15 +163,29 @@ def rollout(
     texts = [
         tokenizer.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(responses, lengths, strict=True)
     ]
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)  # (B, P + T)
+    bottom = None
+    if (decoding or {}).get("bottom"):
+        bottom = rest[1]  # (B, P + T [+ 1], hidden)
+        real = (
+            attention_mask
+            if bottom.shape[1] == attention_mask.shape[1]
+            else torch.cat(
+                [attention_mask, (~finished).long()[:, None]],
+                1,  # the EOS column is real after a cut response only
+            )
+        )
+        bottom = (bottom * real[..., None]).to(device)
     return Rollouts(
         torch.cat([prompt_ids, responses], 1).to(device),
-        torch.cat([prompt_mask, response_mask.long()], 1).to(device),
+        attention_mask.to(device),
         response_mask.to(device),
         finished.to(device),
         prompt_ids.shape[1],
         texts,
         [prompts[i].id for i in indices],
-        logprobs[0].to(device) if logprobs else None,
+        rest[0].to(device) if rest and rest[0] is not None else None,
+        bottom,
     )
 
 
@@ -197,13 +215,14 @@ def forward_rollouts(
     kept = {}
     for i in range(0, len(ro.texts), cfg.micro_batch_size):
         ids, mask = ro.input_ids[i : i + cfg.micro_batch_size], ro.attention_mask[i : i + cfg.micro_batch_size]
+        decoded = None if ro.bottom is None else ro.bottom[i : i + cfg.micro_batch_size]  # the policy's, if kept
         with st.accelerator.autocast():
             with torch.no_grad():
                 if rm_eos is None:
-                    bottoms = unwrapped.bottoms(ids, mask)
+                    bottoms = unwrapped.bottoms(ids, mask, decoded)
                 else:  # causal: the extra column changes nothing before it
                     finished = ro.finished[i : i + cfg.micro_batch_size]
-                    bottoms = unwrapped.bottoms(*with_eos_column(ids, mask, finished, rm_eos))
+                    bottoms = unwrapped.bottoms(*with_eos_column(ids, mask, finished, rm_eos), decoded)
                     out["bottom_rm"].append(bottoms[1])
                     own = {id(b): b[:, :-1].contiguous() for b in bottoms if b is not None}  # one for a shared one
                     bottoms = tuple(own[id(b)] if b is not None else None for b in bottoms)
@@ -385,6 +404,11 @@ def run(cfg: PPOConfig) -> Path:
     elif cfg.lora or cfg.mixed_precision == "bf16":
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         sampler_copy = inference_copy(policy_module, dtype)
+    depth = accelerator.unwrap_model(model).policy_depth
+    if depth and sampler_copy is None and LlamaDecoder.supports(policy_module):
+        # decoding computes the frozen bottom's output at every position anyway: kept, scoring does not run it again
+        decoding = {**(decoding or {}), "bottom": depth, "append": rm_eos}
+        st.say(f"the frozen bottom's output ({depth} blocks) kept from decoding, not computed again for scoring")
     per_rank, mini_rank = cfg.batch_size // world, cfg.mini_batch_size // world
     st.say(
         f"{len(prompts)} prompts, {opt.total_steps} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs × "

@@ -79,29 +79,65 @@ def test_the_lean_forward_declines_models_it_would_compute_wrongly():
     assert responses.shape == (1, 4) or responses[0, -1] == tok.eos_token_id
 
 
-def test_a_float32_policy_decoded_in_bf16_draws_what_its_bf16_copy_would_and_keeps_only_constant_blocks():
+def test_a_float32_policy_decoded_in_bf16_draws_what_autocast_would_and_keeps_only_constant_blocks():
+    from rlhf.models.freeze import bottom_output
+
     tok = tiny_tokenizer()
     policy = tiny_model(tok)  # float32, 2 blocks: block 0 and the tied head frozen, block 1 trains
-    copy = generation.inference_copy(policy, torch.bfloat16)
     constant = ConstantProducts(blocks=1, head=True)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]
 
-    def sample(model, **decoding):
+    def sample(**decoding):
         torch.manual_seed(0)
-        return sample_responses(model, prompts, tok.pad_token_id, tok.eos_token_id, 12, 0.9, True, True, **decoding)
+        return sample_responses(policy, prompts, tok.pad_token_id, tok.eos_token_id, 12, 0.9, True, True, **decoding)
+
+    # the hidden states too: within 0.35% of autocast's here (a bf16 residual stream: 0.64%)
+    prompt_ids, prompt_mask, responses, _, hidden = sample_responses(
+        policy, prompts, tok.pad_token_id, tok.eos_token_id, 6, 0.9, bottom=2, dtype=torch.bfloat16
+    )
+    ids, mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, torch.ones_like(responses)], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = bottom_output(policy, 2, ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    real = mask.bool()
+    assert ((hidden - want)[real].norm(dim=-1) / want[real].norm(dim=-1)).max() < 0.005
 
     draws = []
     for _ in range(2):
-        generation.refresh_inference_copy(copy, policy)
-        _, _, want_tokens, want_logprobs = sample(copy)
-        _, _, tokens, logprobs = sample(policy, dtype=torch.bfloat16, constant=constant)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the transformers forward, products in bf16
+            _, _, want_tokens, want_logprobs = sample()
+        _, _, tokens, logprobs = sample(dtype=torch.bfloat16, constant=constant)
         assert torch.equal(tokens, want_tokens)
-        assert torch.equal(logprobs, want_logprobs)
+        # bf16 products, float32 residual stream and norms, as autocast: the same to bf16 rounding
+        torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=0.02)
         draws.append(logprobs)
         with torch.no_grad():  # a PPO update moves the block that trains
             policy.model.layers[1].mlp.down_proj.weight.mul_(3.0)
     assert not torch.equal(draws[0], draws[1])  # the update changed the draw: the trained block was packed again
     assert set(constant.products) == {"head", (0, "qkv"), (0, "o"), (0, "gate_up"), (0, "down")}
+
+
+def test_the_decoder_keeps_the_bottom_blocks_output_at_every_position():
+    """`record`: what leaves block k − 1 for the prompt and every sampled token (the last one through the bottom
+    alone, with one more token after it), as the transformers forward of those blocks computes it."""
+    from rlhf.models.freeze import bottom_output
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]
+    torch.manual_seed(0)
+    prompt_ids, prompt_mask, responses, _, hidden = sample_responses(
+        model, prompts, tok.pad_token_id, tok.eos_token_id, 8, 0.9, bottom=1, append=7
+    )
+    ids = torch.cat([prompt_ids, responses, torch.full((3, 1), 7)], 1)  # no EOS drawn: every column is real
+    assert not (responses == tok.eos_token_id).any() and hidden.shape == (*ids.shape, 64)
+    mask = torch.cat([prompt_mask, torch.ones_like(ids[:, prompt_ids.shape[1] :])], 1)
+    with torch.no_grad():
+        want = bottom_output(model, 1, ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], want[real], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lean Llama decoder"):  # only the lean decoder keeps it
+        lora = get_peft_model(tiny_model(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        sample_responses(lora, prompts, tok.pad_token_id, tok.eos_token_id, 2, 0.9, bottom=1)
 
 
 def test_decoding_in_another_dtype_is_refused_where_the_lean_decoder_does_not_apply():

@@ -234,6 +234,7 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
 
     from rlhf.models.freeze import share_frozen_layers, train_top_layers
     from rlhf.models.policy_value import PolicyAndValue, replay_frozen_bottoms
+    from rlhf.models.unpadded import skip_padding
 
     torch.manual_seed(0)
     policy, tok = load_causal_lm("tiny")
@@ -241,6 +242,9 @@ def test_value_model_with_the_policys_bottom_shares_it_and_computes_it_once():
     config.num_labels, config.pad_token_id = 1, tok.pad_token_id
     value_model = LlamaForSequenceClassification(config)
     value_model.model.load_state_dict(policy.model.state_dict())  # value_init policy
+    # the copied config names small attention already; its blocks skip the padding as the policy's do (as
+    # load_reward_model would give it), else its padded products round differently on some CPUs (AVX2)
+    skip_padding(value_model)
     for m in (policy, value_model):
         train_top_layers(m, 1)
     separate = copy.deepcopy(PolicyAndValue(policy, value_model))
@@ -530,3 +534,64 @@ def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_it
         own = bottom_output(value_model, 3, ids, **forward_kwargs(mask))
     torch.testing.assert_close(bottoms[1], own, rtol=0, atol=0)  # what the value model's own 3 blocks give
     assert_replay_is_whole(separate, pv, bottoms, ids, mask)
+
+
+def test_the_frozen_bottom_kept_from_decoding_scores_what_the_scoring_forward_computes(tmp_path, monkeypatch):
+    """A rollout decoded by the lean decoder keeps its frozen bottom's output (and an EOS column for the reward
+    model): scoring from it gives the values, reference log-probs and bottoms of scoring that runs the bottom
+    itself, without running the policy's bottom again."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from transformers import LlamaForCausalLM
+
+    from rlhf.config import PPOConfig
+    from rlhf.data.chat import encode_prompt
+    from rlhf.models import policy_value
+    from rlhf.stages import ppo
+
+    tiny, tok = load_causal_lm("tiny")
+    config = copy.deepcopy(tiny.config)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    folder = str(tmp_path / "sft")
+    cfg = PPOConfig(
+        policy=folder, reward=folder, trainable_layers=2, value_trainable_layers=1, max_new_tokens=10, out="x"
+    )
+    policy, tok, reference, value_model, reward_model, _ = policy_value.load_models(cfg, print)
+    pv = policy_value.PolicyAndValue(policy, value_model).eval()
+    ref_replays, rm_replays = policy_value.replay_frozen_bottoms(
+        pv, reference, [[5, 6, 7, 8], [9, 10]], tok.pad_token_id, "cpu", print, reward_model
+    )
+    assert ref_replays and rm_replays and pv.value_bottom_continues_policys
+    questions = ["Say hi", "Count to three, slowly", "Why is the sky blue?", "A haiku about tea"]
+    prompts = [SimpleNamespace(id=str(i), messages=[{"role": "user", "content": q}]) for i, q in enumerate(questions)]
+    encoded = [encode_prompt(tok, p.messages) for p in prompts]
+    st = SimpleNamespace(accelerator=Accelerator(cpu=True), say=print)
+    eos = tok.eos_token_id
+    with torch.no_grad():  # one row finishes early, the others are cut at the limit
+        policy.lm_head.weight.data[eos] *= 0
+        policy.lm_head.weight.data[eos, 0] = 8.0
+    decoding = {"bottom": pv.policy_depth, "append": eos}
+    ro = ppo.rollout(st, cfg, policy, tok, prompts, encoded, [0, 1, 2, 3], 0, False, decoding)
+    assert ro.bottom.shape == (4, ro.input_ids.shape[1] + 1, config.hidden_size)
+    assert 0 < int(ro.finished.sum()) < 4  # finished and cut rows both
+    plain = ppo.Rollouts(**{**vars(ro), "bottom": None})
+    want = ppo.forward_rollouts(st, cfg, pv, reference, plain, ref_replays, None, eos)
+    ran = []
+    bottom_output = policy_value.bottom_output
+    monkeypatch.setattr(policy_value, "bottom_output", lambda *a, **k: ran.append(1) or bottom_output(*a, **k))
+    got = ppo.forward_rollouts(st, cfg, pv, reference, ro, ref_replays, None, eos)
+    assert not ran  # the policy's bottom did not run again
+    for key in ("bottom_policy", "bottom_rm", "values", "ref_logprobs"):
+        real = torch.cat([ro.attention_mask, (~ro.finished)[:, None]], 1).bool()
+        a, b = got[key], want[key]
+        if key == "bottom_policy":
+            a, b = a[ro.attention_mask.bool()], b[ro.attention_mask.bool()]
+        elif key == "bottom_rm":  # the EOS column too, where a cut response is read
+            a, b = a[real], b[real]
+        else:
+            a, b = a[ro.response_mask], b[ro.response_mask]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=key)
