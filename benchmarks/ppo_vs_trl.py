@@ -185,6 +185,8 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
             "trainable_layers": cfg.trainable_layers,
             "value_trainable_layers": cfg.value_trainable_layers,
             "logprobs_from_sampling": ppo.logprobs_from_sampling(cfg, precision),
+            # the policy's frozen bottom is read from decoding (a plain Llama policy, the lean decoder, no LoRA)
+            "bottom_from_decoding": cfg.trainable_layers is not None and not cfg.lora,
             "ppo_epochs": cfg.ppo_epochs,
         }
     )
@@ -224,9 +226,9 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dic
     policy's bottom, the value and reward model above the value model's.
 
     generate: the policy over prompt + response tokens, the LM head once per response token;
-    score: the bottoms; the policy above its bottom when its log-probs are recomputed (not kept from sampling); the
-      reference above the policy's bottom; the value and reward model above the value model's; LM heads on
-      response tokens;
+    score: the bottoms (the policy's not, when decoding computed it: `bottom_from_decoding`); the policy above its
+      bottom when its log-probs are recomputed (not kept from sampling); the reference above the policy's bottom;
+      the value and reward model above the value model's; LM heads on response tokens;
     train, per PPO epoch: forward of policy and value model above their bottoms (the first update back-propagates
       the scoring forward of one of them instead of running it again: the policy's when scoring ran it, else the
       value model's) + backward (2× forward) of their trainable layers, the LM head forward on response tokens and
@@ -238,6 +240,8 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dic
     policy_bottom, value_bottom = depth - policy_trained, depth - value_trained
     recompute = not run["logprobs_from_sampling"]
     blocks = policy_bottom + max(value_bottom - policy_bottom, 0)  # each frozen bottom once
+    if run.get("bottom_from_decoding"):
+        blocks -= policy_bottom  # computed while generating (counted there)
     blocks += (recompute + 1) * (depth - policy_bottom) + 2 * (depth - value_bottom)  # [policy,] reference; value, RM
     score = tokens * layer * blocks + (recompute + 1) * responses * head
     head_backward = 2 if run["trainable_layers"] is None else 1  # a tied head trains with the embeddings

@@ -183,8 +183,15 @@ class LlamaDecoder:
         seen = self.key_mask[:, None, :end] & causal  # (B, n, end)
         bias = torch.zeros(seen.shape).masked_fill_(~seen, torch.finfo(torch.float32).min)
         bias = bias[:, None, None].expand(b, nkv, g, n, end).reshape(b * nkv, g * n, end)
+        # the prompts' left padding: products and norms run on the real tokens only, (N, H); attention on the rows
+        real = self.key_mask[:, start:end]  # (B, n)
+        packed = n > 1 and not bool(real.all())
+        if packed:
+            x = x[real]  # (N, H)
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers[:stop]):
             qkv = qkv_proj(rms_norm(x, *norm1).to(self.dtype)).float()  # (B, n, (nh + 2·nkv)·d)
+            if packed:  # zeros at the padding, whose keys no query sees
+                qkv = qkv.new_zeros(b, n, qkv.shape[-1]).index_put_((real,), qkv)
             qk = qkv[..., : (nh + nkv) * d].unflatten(-1, (nh + nkv, d))  # (B, n, nh + nkv, d)
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
             q = qk[:, :, :nh].unflatten(2, (nkv, g)).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * n, d)
@@ -194,14 +201,18 @@ class LlamaDecoder:
             scores = torch.baddbmm(bias, q, self.keys_t[i][..., :end], alpha=self.scale)  # (B·nkv, g·n, end)
             out = torch.bmm(torch.softmax(scores, -1), self.values[i][:, :end])  # (B·nkv, g·n, d)
             out = out.view(b, nkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, nh * d).to(self.dtype)
-            x = x + o_proj(out)
+            x = x + o_proj(out[real] if packed else out)
             gate_up = gate_up_proj(rms_norm(x, *norm2).to(self.dtype))  # (B, n, 2·F)
             x = x + down_proj(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
             if i + 1 == self.record:
-                self.recorded[:, start:end] = x
+                self.recorded[:, start:end].index_put_((real,), x.float()) if packed else self.recorded[
+                    :, start:end
+                ].copy_(x)
         self.filled = end
         if stop is not None:
             return None
+        if packed:
+            x = x.new_zeros(b, n, x.shape[-1]).index_put_((real,), x)  # (B, n, H)
         return self.head(rms_norm(x[:, -1:], *self.norm).to(self.dtype))[:, 0]  # (B, V)
 
 

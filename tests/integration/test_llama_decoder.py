@@ -42,6 +42,23 @@ def test_prefill_and_steps_give_the_transformers_logits(dtype, tol):
         assert (got.float() - want.float()).abs().max() <= tol * scale
 
 
+def test_the_prefill_multiplies_the_real_tokens_only():
+    """Left padding of the prompts is left out of the products (and the logits are still the transformers')."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
+    lean = LlamaDecoder(model, len(ids), ids.shape[1] + 2)
+    rows = []
+    norm1, qkv, *rest = lean.layers[0]
+    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    with torch.no_grad():
+        got = lean.prefill(ids, mask, positions)
+        want = TransformersDecoder(model).prefill(ids, mask, positions)
+        lean.step(torch.tensor([3, 4, 5]), positions[:, -1:] + 1)
+    assert rows == [(13,), (3, 1)]  # 7 + 2 + 4 real prompt tokens, then one token per row
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_takes_the_lean_forward_for_llama_and_draws_what_the_transformers_forward_would(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model(tok)

@@ -180,10 +180,10 @@ def test_ppo_with_lora_uses_the_base_as_reference_and_ptx(tiny_run, tmp_path):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("value_init", ["reward", "policy"])
-def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path, value_init):
+@pytest.mark.parametrize(("value_init", "precision"), [("reward", "no"), ("policy", "bf16")])
+def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path, value_init, precision):
     out = tmp_path / "top"
-    extra = ("--trainable-layers", "1", "--mixed-precision", "bf16", "--value-init", value_init)
+    extra = ("--trainable-layers", "1", "--mixed-precision", precision, "--value-init", value_init)
     proc = run_cli(*ppo_args(tiny_run, out, *extra))
     assert "frozen parameters shared, not copied" in proc.stdout
     # and that bottom runs once per step, replayed for the log-probs, the reference and every update; a value model
@@ -191,10 +191,13 @@ def test_ppo_top_layers_share_and_replay_the_frozen_bottom(tiny_run, tmp_path, v
     assert "replayed: policy 1 blocks (shared by the reference), value model 1 blocks" in proc.stdout
     assert ("(the policy's own: computed once for both)" in proc.stdout) == (value_init == "policy")
     # sampling casts the policy as the lean decoder packs it; the frozen bottom and head are packed once a run
+    in_precision = "bf16" if precision == "bf16" else "its precision"
     assert (
-        "decoded from the policy itself in bf16 (no copy); packed once for the run: 1 frozen blocks and the head"
-        in proc.stdout
+        f"decoded from the policy itself in {in_precision} (no copy); packed once for the run: 1 frozen blocks and "
+        "the head" in proc.stdout
     )
+    # and decoding computes the frozen bottom's output, which scoring reads instead of running the bottom again
+    assert "the frozen bottom's output (1 blocks) kept from decoding" in proc.stdout
     # the reference shares the policy's bottom and still is the SFT model: the first rollouts have KL 0
     assert read_metrics(out, "kl")[0] == pytest.approx(0.0, abs=1e-4)
     sft = load_file(tiny_run[0] / "sft" / "final" / "model.safetensors")
