@@ -19,9 +19,10 @@ SiLU), outside autocast; everything else decodes through the transformers forwar
 Given a `dtype`, it multiplies a model of another precision in that one: each weight is cast as it is packed, so PPO
 samples its float32 policy in bf16 without a bf16 copy of the whole model beside it. The residual stream and the
 norms keep the model's precision, as under autocast: the frozen bottom's output of the embedded model decoded in
-bf16 is within 0.25% (relative L2) of the autocast forward's, against 0.95% with a bf16 residual stream. With `ConstantProducts` the
-packed products of blocks that never change (a policy's frozen bottom, a frozen LM head) are kept from one call to
-the next: cast and packed once a run instead of once a PPO step.
+bf16 is within 0.25% (relative L2) of the autocast forward's, against 0.95% with a bf16 residual stream. With
+`ConstantProducts` the packed products of blocks that never change (a policy's frozen bottom, a frozen LM head) are
+kept from one call to the next: cast and packed once a run instead of once a PPO step. The prefill leaves the
+prompts' left padding out of the products and norms.
 
 Given `record` = k, it also keeps what leaves block k − 1 at every position it computes (`recorded`), and
 `extend_bottom` runs those k blocks alone on tokens after the last sampled one: the hidden states of a frozen
@@ -204,10 +205,10 @@ class LlamaDecoder:
             x = x + o_proj(out[real] if packed else out)
             gate_up = gate_up_proj(rms_norm(x, *norm2).to(self.dtype))  # (B, n, 2·F)
             x = x + down_proj(F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
-            if i + 1 == self.record:
-                self.recorded[:, start:end].index_put_((real,), x.float()) if packed else self.recorded[
-                    :, start:end
-                ].copy_(x)
+            if i + 1 == self.record and packed:
+                self.recorded[:, start:end].index_put_((real,), x.float())
+            elif i + 1 == self.record:
+                self.recorded[:, start:end].copy_(x)
         self.filled = end
         if stop is not None:
             return None
