@@ -152,8 +152,8 @@ def test_the_decoder_keeps_the_bottom_blocks_output_at_every_position():
         want = bottom_output(model, 1, ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
     real = mask.bool()
     torch.testing.assert_close(hidden[real], want[real], rtol=1e-5, atol=1e-5)
+    lora = get_peft_model(tiny_model(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="lean Llama decoder"):  # only the lean decoder keeps it
-        lora = get_peft_model(tiny_model(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         sample_responses(lora, prompts, tok.pad_token_id, tok.eos_token_id, 2, 0.9, bottom=1)
 
 

@@ -498,15 +498,9 @@ def test_a_frozen_head_multiplies_by_one_cast_copy_under_autocast_with_the_same_
     assert cast_frozen_heads_once([fresh], torch.bfloat16) == 0
 
 
-def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_its_own_frozen_blocks(tmp_path):
-    """--value-trainable-layers below --trainable-layers: the value model's frozen bottom is the policy's bottom
-    (the same modules) plus frozen blocks of its own, which the reward model shares; its output is computed from the
-    policy's, and values and gradients are those of the value model run whole."""
+def four_block_sft(tmp_path) -> str:
+    """A random tiny Llama of 4 blocks saved with the tiny tokenizer, as an SFT folder; its path."""
     from transformers import LlamaForCausalLM
-
-    from rlhf.config import PPOConfig
-    from rlhf.models.freeze import bottom_output
-    from rlhf.models.policy_value import PolicyAndValue, forward_kwargs, load_models, replay_frozen_bottoms
 
     tiny, tok = load_causal_lm("tiny")
     config = copy.deepcopy(tiny.config)
@@ -514,7 +508,18 @@ def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_it
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "sft")
     tok.save_pretrained(tmp_path / "sft")
-    folder = str(tmp_path / "sft")
+    return str(tmp_path / "sft")
+
+
+def test_value_model_training_fewer_layers_carries_the_policys_bottom_through_its_own_frozen_blocks(tmp_path):
+    """--value-trainable-layers below --trainable-layers: the value model's frozen bottom is the policy's bottom
+    (the same modules) plus frozen blocks of its own, which the reward model shares; its output is computed from the
+    policy's, and values and gradients are those of the value model run whole."""
+    from rlhf.config import PPOConfig
+    from rlhf.models.freeze import bottom_output
+    from rlhf.models.policy_value import PolicyAndValue, forward_kwargs, load_models, replay_frozen_bottoms
+
+    folder = four_block_sft(tmp_path)
     cfg = PPOConfig(policy=folder, reward=folder, trainable_layers=2, value_trainable_layers=1, out="x")
     policy, tok, reference, value_model, reward_model, _ = load_models(cfg, print)
     trained = {n.split(".")[1] for n, p in value_model.model.named_parameters() if p.requires_grad and "layers" in n}
@@ -543,20 +548,13 @@ def test_the_frozen_bottom_kept_from_decoding_scores_what_the_scoring_forward_co
     from types import SimpleNamespace
 
     from accelerate import Accelerator
-    from transformers import LlamaForCausalLM
 
     from rlhf.config import PPOConfig
     from rlhf.data.chat import encode_prompt
     from rlhf.models import policy_value
     from rlhf.stages import ppo
 
-    tiny, tok = load_causal_lm("tiny")
-    config = copy.deepcopy(tiny.config)
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "sft")
-    tok.save_pretrained(tmp_path / "sft")
-    folder = str(tmp_path / "sft")
+    folder = four_block_sft(tmp_path)
     cfg = PPOConfig(
         policy=folder, reward=folder, trainable_layers=2, value_trainable_layers=1, max_new_tokens=10, out="x"
     )
@@ -576,7 +574,7 @@ def test_the_frozen_bottom_kept_from_decoding_scores_what_the_scoring_forward_co
         policy.lm_head.weight.data[eos, 0] = 8.0
     decoding = {"bottom": pv.policy_depth, "append": eos}
     ro = ppo.rollout(st, cfg, policy, tok, prompts, encoded, [0, 1, 2, 3], 0, False, decoding)
-    assert ro.bottom.shape == (4, ro.input_ids.shape[1] + 1, config.hidden_size)
+    assert ro.bottom.shape == (4, ro.input_ids.shape[1] + 1, policy.config.hidden_size)
     assert 0 < int(ro.finished.sum()) < 4  # finished and cut rows both
     plain = ppo.Rollouts(**{**vars(ro), "bottom": None})
     want = ppo.forward_rollouts(st, cfg, pv, reference, plain, ref_replays, None, eos)
