@@ -42,6 +42,7 @@ from rlhf.data.chat import encode_prompt, tokenize_demonstration
 from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
+from rlhf.models import thin
 from rlhf.models.freeze import frozen_depth
 from rlhf.models.generation import (
     inference_copy,
@@ -394,9 +395,11 @@ def run(cfg: PPOConfig) -> Path:
         if cfg.mixed_precision == "bf16":
             decoding["dtype"] = torch.bfloat16
         kept = [f"{constant.blocks} frozen blocks"] * bool(constant.blocks) + ["the head"] * head_frozen
+        kernel = "dtype" not in decoding and policy_module.dtype == torch.float32 and thin.available()
         st.say(
             f"rollouts decoded from the policy itself in {'bf16' if 'dtype' in decoding else 'its precision'} "
-            f"(no copy); packed once for the run: {' and '.join(kept) or 'nothing'}"
+            f"(no copy{', float32 products by the AVX2 kernel' if kernel else ''}); packed once for the run: "
+            f"{' and '.join(kept) or 'nothing'}"
         )
     elif cfg.lora or cfg.mixed_precision == "bf16":
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32

@@ -1,0 +1,127 @@
+"""Float32 products of a few rows by a weight, for decoding on CPUs with AVX2 but not AVX-512.
+
+Decoding 8 rows of the embedded 135M model reads all 540 MB of its float32 weights once per token and does 8
+multiply-adds per weight read, so a token costs what streaming the weights costs. On a 2-core AMD EPYC with AVX2
+(no AVX-512), oneDNN's packed product (`packing.linear_product`) streams them at ~9 GB/s, while the machine reads
+memory at ~15 GB/s: all the model's products for one token of 8 rows took 58-72 ms. `thin_linear.c` stores each
+weight in panels of 24 output columns, read front to back once per call, and takes 36-42 ms for the same products
+(outputs equal `F.linear`'s to rounding). The same panels serve the prefill's hundreds of rows as fast as oneDNN's
+packed product (126 against 124 GFLOP/s on 464 rows), so one copy of the weights serves both. On AVX-512 CPUs
+oneDNN is left in charge.
+
+The kernel is C, compiled on first use with the system's C compiler (`$CC`, else `cc`; about a second) into the
+user cache directory and loaded with ctypes; it runs on torch's own OpenMP threads. Where it cannot be built or
+loaded, or where its result differs from `F.linear` on a probe, `available()` is False and decoding keeps oneDNN's
+product; `RLHF_THIN_LINEAR=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("thin_linear.c")
+PANEL = 24  # output columns per panel, as in thin_linear.c
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel where it applies (`applies()`, not turned off), else None."""
+    if os.environ.get("RLHF_THIN_LINEAR", "1") == "0" or not applies():
+        return None
+    return load()
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel built, loaded and checked on a probe; None where any of that fails (no compiler, a second OpenMP
+    runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lib.thin_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.thin_linear.restype = None
+    if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
+        return None
+    return lib if probe(lib) else None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def applies() -> bool:
+    """Linux on x86-64 with AVX2 and FMA but no AVX-512 (torch's own dispatch level), torch on GNU OpenMP."""
+    return (
+        sys.platform == "linux"
+        and torch.backends.cpu.get_cpu_capability() == "AVX2"
+        and "OpenMP" in torch.__config__.parallel_info()
+    )
+
+
+def build() -> Path:
+    """The kernel compiled into the cache (once per source text and compiler); atomic, so concurrent runs agree."""
+    from rlhf.models.embedded import cache_root
+
+    compiler = os.environ.get("CC", "cc")
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"thin_linear-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(built, target)
+    return target
+
+
+def openmp_runtimes() -> int:
+    """How many GNU OpenMP libraries this process has mapped (the kernel's must be torch's, already loaded)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return 0
+    return len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line})
+
+
+def probe(lib) -> bool:
+    """Whether the kernel computes F.linear (to float32 rounding): every tail of rows, a chunk boundary, a padded N."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(PANEL * 2 + 5, 37, generator=gen)
+    for rows in (1, 2, 3, 4, 5, 8, 131):
+        x = torch.randn(rows, 37, generator=gen)
+        if not torch.allclose(ThinProduct([w], lib)(x), F.linear(x, w), rtol=1e-4, atol=1e-4):
+            return False
+    return True
+
+
+class ThinProduct:
+    """x -> x·Wᵀ for W the `weights` stacked along their output dimension, in float32 on a CPU, by the kernel.
+    Keeps a copy of the stacked weights in panels (what oneDNN's packed copy would cost) and nothing else."""
+
+    def __init__(self, weights: list[torch.Tensor], lib=None):
+        self.lib = lib or library()
+        stacked = torch.cat([w.detach().float() for w in weights])  # (N, K)
+        self.n, self.k = stacked.shape
+        padded = F.pad(stacked, (0, 0, 0, -self.n % PANEL))  # (N', K), N' a multiple of PANEL
+        self.panels = padded.view(-1, PANEL, self.k).transpose(1, 2).contiguous()  # (N' / PANEL, K, PANEL)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // self.k
+        x = x.reshape(rows, self.k).float().contiguous()
+        y = torch.empty(rows, self.panels.shape[0] * PANEL)  # (rows, N')
+        self.lib.thin_linear(x.data_ptr(), self.panels.data_ptr(), y.data_ptr(), rows, y.shape[1], self.k)
+        return y[:, : self.n].reshape(*lead, self.n)  # a view where N' = N
