@@ -270,17 +270,20 @@ def reward_gain(spec: dict, finals: dict[str, list[str]], samples: int = 32) -> 
     rm, rm_tokenizer = load_reward_model(spec["reward"])
     prompts = [json.loads(x) for x in Path(spec["prompts"]).read_text().splitlines()]
 
+    together = 4  # answers to each prompt drawn in one call: 32 rows decode at ~2× the time of 8 on a CPU
+
     @torch.no_grad()
     def scores(path: str) -> list[float]:
         policy, _ = load_causal_lm(path)
         out = []
-        for k in range(samples):
-            torch.manual_seed(1000 + k)
+        for k in range(0, samples, together):
+            torch.manual_seed(1000 + k)  # row j of every policy's call: the same prompt under the same draws
+            n = min(together, samples - k)
             _, _, responses = sample_responses(
-                policy, spec["prompt_ids"], 0, tokenizer.eos_token_id, spec["max_new_tokens"], spec["temperature"]
+                policy, spec["prompt_ids"] * n, 0, tokenizer.eos_token_id, spec["max_new_tokens"], spec["temperature"]
             )
             texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-            demos = [Demonstration(p["id"], p["messages"], t) for p, t in zip(prompts, texts, strict=True)]
+            demos = [Demonstration(p["id"], p["messages"], t) for p, t in zip(prompts * n, texts, strict=True)]
             ids, mask = pad_batch(response_sequences(rm_tokenizer, demos, 512), rm_tokenizer.pad_token_id)
             out += score(rm, ids, mask).tolist()
         return out

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,17 +43,26 @@ def library() -> ctypes.CDLL | None:
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel built, loaded and checked on a probe; None where any of that fails (no compiler, a second OpenMP
-    runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
+    """The kernel built, loaded and checked on a probe; None, with a warning that says why, where any of that fails
+    (no compiler, a second OpenMP runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
     try:
         lib = ctypes.CDLL(str(build()))
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None)
+        return declined(f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})")
     lib.thin_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.thin_linear.restype = None
     if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
-        return None
-    return lib if probe(lib) else None
+        return declined("it would bring a second OpenMP runtime into the process")
+    return lib if probe(lib) else declined("its products differ from F.linear's on a probe")
+
+
+def declined(why: str) -> None:
+    warnings.warn(
+        f"float32 decoding keeps oneDNN's products (slower on this CPU): rlhf's AVX2 kernel is not used, as {why}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def available() -> bool:
