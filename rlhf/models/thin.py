@@ -123,10 +123,15 @@ class ThinProduct:
 
     def __init__(self, weights: list[torch.Tensor], lib=None):
         self.lib = lib or library()
-        stacked = torch.cat([w.detach().float() for w in weights])  # (N, K)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # (N, K)
+        stacked = stacked.detach().float()
         self.n, self.k = stacked.shape
-        padded = F.pad(stacked, (0, 0, 0, -self.n % PANEL))  # (N', K), N' a multiple of PANEL
-        self.panels = padded.view(-1, PANEL, self.k).transpose(1, 2).contiguous()  # (N' / PANEL, K, PANEL)
+        whole, rest = divmod(self.n, PANEL)
+        # one strided copy of the weights: panel p, row k holds W[24p .. 24p + 23, k] (zeros past N)
+        self.panels = torch.empty(whole + bool(rest), self.k, PANEL)  # (N' / PANEL, K, PANEL)
+        self.panels[:whole].transpose(1, 2).copy_(stacked[: whole * PANEL].view(whole, PANEL, self.k))
+        if rest:
+            self.panels[whole] = F.pad(stacked[whole * PANEL :], (0, 0, 0, PANEL - rest)).T
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
