@@ -129,7 +129,7 @@ class ThinProduct:
         whole, rest = divmod(self.n, PANEL)
         # one strided copy of the weights: panel p, row k holds W[24p .. 24p + 23, k] (zeros past N)
         self.panels = torch.empty(whole + bool(rest), self.k, PANEL)  # (N' / PANEL, K, PANEL)
-        self.panels[:whole].transpose(1, 2).copy_(stacked[: whole * PANEL].view(whole, PANEL, self.k))
+        self.panels[:whole].transpose(1, 2).copy_(stacked[: whole * PANEL].reshape(whole, PANEL, self.k))
         if rest:
             self.panels[whole] = F.pad(stacked[whole * PANEL :], (0, 0, 0, PANEL - rest)).T
 
