@@ -41,7 +41,6 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from rlhf.models import thin
 from rlhf.models.packing import linear_product
-from rlhf.models.thin import ThinProduct
 
 
 @dataclass
@@ -110,8 +109,8 @@ class LlamaDecoder:
             """x -> x·Wᵀ for W the weights stacked, in self.dtype; kept in `constant` under `key` (if given)."""
 
             def make():
-                if self.dtype == torch.float32 and thin.available():
-                    return ThinProduct(list(weights))
+                if thin.serves(self.dtype):
+                    return thin.ThinProduct(list(weights))
                 cast = [w.detach().to(self.dtype) for w in weights]
                 return linear_product(cast[0] if len(cast) == 1 else torch.cat(cast), rows)
 

@@ -46,12 +46,10 @@ def load() -> ctypes.CDLL | None:
     """The kernel built, loaded and checked on a probe; None, with a warning that says why, where any of that fails
     (no compiler, a second OpenMP runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = bind(build())
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None)
         return declined(f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})")
-    lib.thin_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    lib.thin_linear.restype = None
     if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
         return declined("it would bring a second OpenMP runtime into the process")
     return lib if probe(lib) else declined("its products differ from F.linear's on a probe")
@@ -65,8 +63,21 @@ def declined(why: str) -> None:
     )
 
 
+def bind(path: Path) -> ctypes.CDLL:
+    """The compiled kernel loaded, with its C signature declared."""
+    lib = ctypes.CDLL(str(path))
+    lib.thin_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.thin_linear.restype = None
+    return lib
+
+
 def available() -> bool:
     return library() is not None
+
+
+def serves(dtype: torch.dtype) -> bool:
+    """Whether the lean decoder multiplies in `dtype` by this kernel (float32, where it is available)."""
+    return dtype == torch.float32 and available()
 
 
 def applies() -> bool:

@@ -395,7 +395,7 @@ def run(cfg: PPOConfig) -> Path:
         if cfg.mixed_precision == "bf16":
             decoding["dtype"] = torch.bfloat16
         kept = [f"{constant.blocks} frozen blocks"] * bool(constant.blocks) + ["the head"] * head_frozen
-        kernel = "dtype" not in decoding and policy_module.dtype == torch.float32 and thin.available()
+        kernel = thin.serves(decoding.get("dtype", policy_module.dtype))  # as the decoder decides
         st.say(
             f"rollouts decoded from the policy itself in {'bf16' if 'dtype' in decoding else 'its precision'} "
             f"(no copy{', float32 products by the AVX2 kernel' if kernel else ''}); packed once for the run: "
