@@ -81,12 +81,15 @@ class PolicyAndValue(torch.nn.Module):
 
 def lm_response_logits(lm, input_ids, attention_mask, context: int, bottom=None, depth: int = 0) -> torch.Tensor:
     """The logits that predict the response tokens, (B, T, V): position t predicts token t + 1, so positions
-    context−1 … L−2. The LM head runs on those T + 1 last positions only (`logits_to_keep`): on the prompt it would
-    cost a fifth of a small model's FLOPs per token for nothing. With `bottom` (what `lm`'s `depth` frozen bottom
+    context−1 … L−2. The LM head runs on those T positions only (`logits_to_keep` as their indices): on the prompt it
+    would cost a fifth of a small model's FLOPs per token for nothing. Their hidden states are gathered into one
+    contiguous (B, T, hidden) block, so the head is one matrix product; a strided slice of the last T + 1 positions
+    made the CPU multiply the head's weight once per row (a batched product with the weight broadcast, at about half
+    the rate: 234 against ~120 ms forward for 8 × 32 tokens of a 49k vocabulary), and its backward filled a
+    (B, T + 1, V) zero gradient for the one position not kept. With `bottom` (what `lm`'s `depth` frozen bottom
     blocks give for these rows) only the blocks above run."""
-    t = input_ids.shape[1] - context
-    out = forward_from(lm, input_ids, bottom, depth, logits_to_keep=t + 1, **forward_kwargs(attention_mask))
-    return out.logits[:, :-1]
+    keep = torch.arange(context - 1, input_ids.shape[1] - 1, device=input_ids.device)
+    return forward_from(lm, input_ids, bottom, depth, logits_to_keep=keep, **forward_kwargs(attention_mask)).logits
 
 
 def forward_kwargs(attention_mask: torch.Tensor) -> dict:

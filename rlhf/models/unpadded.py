@@ -19,6 +19,16 @@ It is done with hooks on the trunk and its blocks (`skip_padding`), so the trans
 every caller stay as they are. A forward packs when it is given a padding mask (2-D, with zeros), keeps no KV cache
 (a cache is read later in the padded layout) and checkpoints no activations (a block run again in the backward would
 miss the layout); generation and unpadded batches run as before.
+
+Rows that begin alike share their first tokens (`shared_tokens`). A chat template puts the same system prompt before
+every conversation (SmolLM2's default is 24 tokens of the benchmark's 44-token prompts; Llama 3 and Qwen add one
+too), and a reward model's K responses to one prompt all start with it. A token whose row agrees with an earlier
+row on every real token up to it, at the same positions, has the very same hidden state in every block (attention
+is causal), so it is computed once: the packed sequence holds one copy, and unpacking into the padded layout (the
+keys and values every row's attention reads, the trunk's output) copies it into each row. In the backward the
+copies' gradients add up in the one token, as they would have added up in the weights. Whether the first block's
+inputs agree is read from the values themselves (bit for bit, positions included), so replaying a frozen bottom's
+output shares what the bottom shared.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ _now = threading.local()  # .layout: the padding layout of the trunk forward now
 
 @dataclass
 class Layout:
-    """Where the real tokens of a padded batch are: `index` (N,), their flat positions b·T + t, row after row."""
+    """Where the real tokens of a padded batch are: `index` (N,), the flat positions b·T + t of the tokens computed,
+    row after row; with tokens shared between rows (`share`), `source` (B·T,): for every position, 1 + the place in
+    `index` of the token computed for it, 0 at the padding."""
 
     rows: int
     length: int
@@ -41,6 +53,20 @@ class Layout:
     mask: torch.Tensor  # (B, 1, T, T) bool: attend to earlier real tokens; every position also to itself
     packed: dict = field(default_factory=dict)  # id(tensor) → its packed form, for tensors every block is given
     started: bool = False  # the first block has packed the hidden states
+    source: torch.Tensor | None = None  # (B·T,) long, with shared tokens only
+    real: torch.Tensor | None = None  # (B, T) bool
+
+    def share(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """Compute once the tokens that rows share (`shared_tokens`), from the first block's input (B, T, hidden)
+        and the positions (B or 1, T; None: the column)."""
+        if self.rows < 2 or hidden.shape[0] != self.rows:
+            return
+        if positions is None:
+            positions = torch.arange(self.length, device=hidden.device)
+        positions = positions.expand(self.rows, self.length)
+        index, source = shared_tokens(self.real, fingerprints(hidden, positions), same_vectors(hidden, positions))
+        if len(index) < len(self.index):
+            self.index, self.source = index, source
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Layout:
@@ -50,7 +76,7 @@ class Layout:
         # A padding position attends to itself only: its output is never read, but a row with nothing to attend to
         # would give NaN in SDPA, and NaN times the zero gradient it gets is still NaN.
         mask = (causal & real[:, None, :]) | torch.eye(t, dtype=torch.bool, device=real.device)
-        return cls(b, t, real.flatten().nonzero().squeeze(1), mask[:, None])
+        return cls(b, t, real.flatten().nonzero().squeeze(1), mask[:, None], real=real)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B or 1, T, …) → (1, N, …): the real tokens, row after row."""
@@ -58,9 +84,12 @@ class Layout:
         return x.reshape(self.rows * self.length, *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, N, …) → (B, T, …), zeros at the padding."""
+        """(1, N, …) → (B, T, …), zeros at the padding (and a shared token in every row that holds it)."""
         rest = x.shape[2:]
-        out = x.new_zeros(self.rows * self.length, *rest).index_copy(0, self.index, x[0])
+        if self.source is not None:
+            out = torch.cat([x.new_zeros(1, *rest), x[0]]).index_select(0, self.source)
+        else:
+            out = x.new_zeros(self.rows * self.length, *rest).index_copy(0, self.index, x[0])
         return out.view(self.rows, self.length, *rest)
 
     def pack_once(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +98,65 @@ class Layout:
         if key not in self.packed:
             self.packed[key] = (x, self.pack(x))  # holding x keeps its id from being reused
         return self.packed[key][1]
+
+
+def shared_tokens(real: torch.Tensor, keys: torch.Tensor, same=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which real tokens of a batch are computed when rows share their first ones. A token stands for itself unless
+    its row agrees with an earlier row on every real token up to and including it (`keys` (B, T) int64 equal; where
+    keys only fingerprint the tokens, `same(i, j, cols_i, cols_j)` says how many of those leading tokens of rows i
+    and j are truly equal); then it stands for that row's token. Each row shares with the earlier row it agrees with
+    longest. `real` (B, T) bool.
+
+    Returns (index (N,), source (B·T,)): the flat positions b·T + t of the tokens computed, row after row (with
+    nothing shared, every real token's), and for every position 1 + the place in `index` of the token that stands
+    for it, 0 at the padding."""
+    b, t = real.shape
+    counts = real.sum(1)  # (B,)
+    width = int(counts.max()) if b else 0
+    cols = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # each row's real columns first
+    valid = torch.arange(width, device=real.device)[None] < counts[:, None]  # (B, width)
+    k = keys.gather(1, cols)
+    agree = (k[:, None] == k[None]) & valid[:, None] & valid[None]  # (B, B, width)
+    common = agree.to(torch.int32).cumprod(-1).sum(-1).tril(-1)  # (B, B): leading tokens in common, earlier rows
+    place = torch.empty(b, width, dtype=torch.long, device=real.device)  # the index in `index` of each real token
+    index, taken = [], 0
+    for i in range(b):
+        n, shared = int(counts[i]), 0
+        if i:
+            j = int(common[i, :i].argmax())
+            shared = int(common[i, j])
+            if shared and same is not None:
+                shared = same(i, j, cols[i, :shared], cols[j, :shared])
+            if shared:
+                place[i, :shared] = place[j, :shared]
+        place[i, shared:n] = torch.arange(taken, taken + n - shared, device=real.device)
+        index.append(i * t + cols[i, shared:n])
+        taken += n - shared
+    source = torch.zeros(b * t, dtype=torch.long, device=real.device)
+    flat = (torch.arange(b, device=real.device)[:, None] * t + cols)[valid]
+    source[flat] = place[valid] + 1
+    return torch.cat(index), source
+
+
+def fingerprints(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One int64 per position of x (B, T, hidden), equal wherever the vectors are equal bit for bit at the same
+    position: their bits times fixed random weights, summed in integers (exact, so equal inputs never differ)."""
+    bits = x.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    gen = torch.Generator().manual_seed(0x5EED)
+    weights = torch.randint(1, 2**31 - 1, (x.shape[-1],), generator=gen).to(x.device)
+    out = torch.stack([(row.long() * weights).sum(-1) for row in bits])  # (B, T), a row at a time: little memory
+    return out * 1_000_003 + positions.long()
+
+
+def same_vectors(x: torch.Tensor, positions: torch.Tensor):
+    """`shared_tokens`'s check for rows of x (B, T, hidden): how many leading tokens are equal bit for bit (NaN
+    never is), at the same positions."""
+
+    def same(i, j, cols_i, cols_j) -> int:
+        equal = (x[i, cols_i] == x[j, cols_j]).all(-1) & (positions[i, cols_i] == positions[j, cols_j])
+        return int(equal.to(torch.int32).cumprod(0).sum())
+
+    return same
 
 
 def padded_attention(attention, module, query, key, value, layout: Layout, dtype, *args, **kwargs):
@@ -148,7 +236,8 @@ def _block_starts(block, args, kwargs):
     if layout is None:
         return None
     hidden = args[0] if args else kwargs.pop("hidden_states")
-    if not layout.started:  # the first block: (B, T, hidden) → (1, N, hidden)
+    if not layout.started:  # the first block: (B, T, hidden) → (1, N, hidden), tokens rows share once
+        layout.share(hidden, kwargs.get("position_ids"))
         hidden, layout.started = layout.pack(hidden), True
     kwargs["attention_mask"] = layout
     if kwargs.get("position_embeddings") is not None:
@@ -180,6 +269,7 @@ def _probe(trunk) -> torch.Tensor | None:
     weight = trunk.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (2, 6), generator=gen).to(weight.device)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], device=weight.device)
+    ids[1, :2] = ids[0, 2:4]  # the rows begin alike: their first two tokens are computed once
     positions = position_ids(mask)
     try:
         with only_blocks(trunk, 0, 1):

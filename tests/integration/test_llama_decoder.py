@@ -20,11 +20,16 @@ def left_padded(rows: list[list[int]], pad: int):
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]]
+BEGIN_ALIKE = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12], [5, 6, 15, 16, 17]]  # a shared start, as a system prompt
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, BEGIN_ALIKE])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_prefill_and_steps_give_the_transformers_logits(dtype, tol):
+def test_prefill_and_steps_give_the_transformers_logits(dtype, tol, prompts):
     tok = tiny_tokenizer()
     model = tiny_model(tok).to(dtype).eval()  # 4 query heads on 2 key/value heads: grouped attention
-    ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
+    ids, mask, positions = left_padded(prompts, tok.pad_token_id)
     steps = 6
     lean = LlamaDecoder(model, len(ids), ids.shape[1] + steps)
     plain = TransformersDecoder(model)
@@ -57,6 +62,29 @@ def test_the_prefill_multiplies_the_real_tokens_only():
         lean.step(torch.tensor([3, 4, 5]), positions[:, -1:] + 1)
     assert rows == [(13,), (3, 1)]  # 7 + 2 + 4 real prompt tokens, then one token per row
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prefill_computes_the_tokens_prompts_begin_with_once():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    ids, mask, positions = left_padded(BEGIN_ALIKE, tok.pad_token_id)
+    lean = LlamaDecoder(model, len(ids), ids.shape[1] + 2)
+    rows = []
+    norm1, qkv, *rest = lean.layers[0]
+    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    with torch.no_grad():
+        got = lean.prefill(ids, mask, positions)
+        want = TransformersDecoder(model).prefill(ids, mask, positions)
+    assert rows == [(7 + 4 + 5 - 3 - 2,)]  # the second prompt's 5, 6, 7 and the third's 5, 6 are the first's
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ids, mask, positions = left_padded([[5, 6, 7], [9, 5, 6, 7]], tok.pad_token_id)  # alike, but not at the start
+    rows.clear()
+    lean = LlamaDecoder(model, 2, 6)
+    norm1, qkv, *rest = lean.layers[0]
+    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    with torch.no_grad():
+        lean.prefill(ids, mask, positions)
+    assert rows == [(7,)]  # nothing shared
 
 
 def test_sampling_takes_the_lean_forward_for_llama_and_draws_what_the_transformers_forward_would(monkeypatch):
@@ -133,14 +161,14 @@ def test_a_float32_policy_decoded_in_bf16_draws_what_autocast_would_and_keeps_on
     assert set(constant.products) == {"head", (0, "qkv"), (0, "o"), (0, "gate_up"), (0, "down")}
 
 
-def test_the_decoder_keeps_the_bottom_blocks_output_at_every_position():
+@pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]], BEGIN_ALIKE])
+def test_the_decoder_keeps_the_bottom_blocks_output_at_every_position(prompts):
     """`record`: what leaves block k − 1 for the prompt and every sampled token (the last one through the bottom
     alone, with one more token after it), as the transformers forward of those blocks computes it."""
     from rlhf.models.freeze import bottom_output
 
     tok = tiny_tokenizer()
     model = tiny_model(tok).eval()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]
     torch.manual_seed(0)
     prompt_ids, prompt_mask, responses, _, hidden = sample_responses(
         model, prompts, tok.pad_token_id, tok.eos_token_id, 8, 0.9, bottom=1, append=7

@@ -14,7 +14,7 @@ from rlhf.models.generation import (
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.policy_value import lm_response_logits
-from rlhf.models.reward import load_reward_model, score
+from rlhf.models.reward import load_reward_model, position_ids, score
 from rlhf.stages.ppo import response_logprobs
 
 
@@ -50,6 +50,23 @@ def assert_replay_is_whole(whole, pv, bottoms, ids, mask, context: int = 5) -> N
     assert expected[2].keys() == got[2].keys() and len(expected[2]) > 0
     for name in expected[2]:
         torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
+
+
+def test_response_logits_are_the_full_forwards_at_the_response_positions():
+    torch.manual_seed(0)
+    policy, _ = load_causal_lm("tiny")
+    ids = torch.randint(3, 100, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding before the prompt
+    mask[2, -2:] = 0  # padding after a short response
+    context = 5
+    full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.detach()
+    got = lm_response_logits(policy, ids, mask, context)
+    assert got.shape == (3, 6, full.shape[-1])  # positions 4 … 9 predict tokens 5 … 10
+    real = mask[:, context - 1 : -1].bool()  # (what a padding position predicts is never read)
+    torch.testing.assert_close(got.detach()[real], full[:, context - 1 : -1][real], rtol=1e-5, atol=1e-5)
+    got.square().mean().backward()  # the head's and the blocks' gradients flow through the gathered positions
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters() if p.requires_grad)
 
 
 def test_sampling_logprobs_equal_a_forward_pass():

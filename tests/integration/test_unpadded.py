@@ -95,7 +95,7 @@ def test_scoring_and_evaluation_forwards_skip_the_padding():
     shapes = block_inputs(policy)
     rows = [{"prompt_ids": [5, 6, 7], "ids": [8, 9]}, {"prompt_ids": [5, 6], "ids": [8]}]
     summed = summed_logprobs(policy, rows, tokenizer.pad_token_id, batch_size=2)
-    assert shapes == [(1, 5 + 3, 64)]
+    assert shapes == [(1, 5 + 3 - 2, 64)]  # real tokens only, and the rows' common 5, 6 once
     torch.testing.assert_close(torch.tensor(summed), torch.tensor(summed_logprobs(without_hooks(policy), rows, 0, 2)))
 
 
@@ -150,3 +150,89 @@ def test_a_model_whose_attention_cannot_skip_padding_keeps_its_own_forward():
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in eager.modules()) == hooks
     ids, mask = ppo_rows()
     eager(input_ids=ids, attention_mask=mask, use_cache=False)  # runs, padded
+
+
+def rows_beginning_alike():
+    """Four left-padded rows: rows 1 and 3 begin with row 0's first 4 tokens, row 3 with row 2's first 5 (longer),
+    row 2 with nothing of the others (its first token differs)."""
+    gen = torch.Generator().manual_seed(1)
+    system = torch.randint(5, 200, (4,), generator=gen)
+    rows = [
+        torch.cat([system, torch.randint(5, 200, (5,), generator=gen)]),
+        torch.cat([system, torch.randint(5, 200, (3,), generator=gen)]),
+        torch.randint(5, 200, (8,), generator=gen),
+    ]
+    rows.append(torch.cat([rows[2][:5], torch.randint(5, 200, (2,), generator=gen)]))
+    rows[3][0] = rows[2][0]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tokens_that_rows_share_are_computed_once_with_the_same_outputs_and_gradients(autocast):
+    model, _ = load_causal_lm("tiny")
+    plain = without_hooks(model)
+    shapes = block_inputs(model)
+    ids, mask = rows_beginning_alike()
+    real = mask.bool()
+    results = []
+    for m in (model, plain):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = m(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        logits = out.logits.float()
+        (logits[real].log_softmax(-1)[:, 7].sum()).backward()
+        results.append((logits, {n: p.grad for n, p in m.named_parameters()}))
+    # 9 + 7 + 8 + 7 real tokens; row 1 shares 4 with row 0, row 3 shares 5 with row 2
+    assert int(mask.sum()) == 31 and shapes == [(1, 31 - 4 - 5, 64)]
+    (shared, grads), (padded, plain_grads) = results
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(shared[real], padded[real], rtol=tol, atol=tol)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=tol, atol=tol * g.abs().max().item(), msg=name)
+
+
+def test_a_replayed_bottom_shares_what_the_bottom_shared():
+    """Sharing is read from the first block's inputs bit for bit: the frozen bottom's output, replayed into the
+    blocks above it, shares the same tokens; hidden states that differ in one value share nothing from there on."""
+    from rlhf.models.freeze import bottom_output, forward_from
+
+    model, _ = load_causal_lm("tiny")
+    ids, mask = rows_beginning_alike()
+    kwargs = {"attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
+    with torch.no_grad():
+        bottom = bottom_output(model, 1, ids, **kwargs)
+        whole = model(input_ids=ids, **kwargs).logits
+        shapes = block_inputs(model)
+        replayed = forward_from(model, ids, bottom, 1, **kwargs).logits
+        assert shapes == []  # block 0 does not run: block 1 is the first
+        model.model.layers[1].register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+        forward_from(model, ids, bottom, 1, **kwargs)
+        assert shapes == [(1, 31 - 4 - 5, 64)]
+        real = mask.bool()
+        torch.testing.assert_close(replayed[real], whole[real], rtol=1e-5, atol=1e-5)
+        nudged = bottom.clone()
+        nudged[1, -3 - 2, 0] += 1e-3  # row 1's third real token (row 1 is 7 real tokens at the right)
+        shapes.clear()
+        forward_from(model, ids, nudged, 1, **kwargs)
+        assert shapes == [(1, 31 - 2 - 5, 64)]  # row 1 now shares its first two tokens only
+
+
+def test_shared_tokens_index_and_source():
+    from rlhf.models.unpadded import shared_tokens
+
+    real = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    keys = torch.tensor([[0, 7, 8, 9], [7, 8, 5, 0], [7, 8, 9, 4]])
+    index, source = shared_tokens(real, keys)
+    # row 0: its 3 tokens; row 1: 7 8 shared with row 0, 5 its own; row 2: 7 8 9 shared with row 0, 4 its own
+    assert index.tolist() == [1, 2, 3, 6, 11]
+    assert source.view(3, 4).tolist() == [[0, 1, 2, 3], [1, 2, 4, 0], [1, 2, 3, 5]]
+    # keys that only fingerprint the tokens: the check has the last word (here: rows agree on their first token)
+    index, source = shared_tokens(real, keys, same=lambda i, j, ci, cj: 1)
+    assert index.tolist() == [1, 2, 3, 5, 6, 9, 10, 11]
+    assert source.view(3, 4).tolist() == [[0, 1, 2, 3], [1, 4, 5, 0], [1, 6, 7, 8]]
+    index, source = shared_tokens(real, torch.arange(12).view(3, 4))  # nothing alike: every real token
+    assert index.tolist() == real.flatten().nonzero().squeeze(1).tolist()
