@@ -174,7 +174,7 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "ppo"]
     keys = ("seconds_step", "seconds_generate", "seconds_score", "seconds_train", "tokens_prompt", "tokens_response")
-    result = {k: [r[k] for r in rows] for k in keys}
+    result = {k: [r[k] for r in rows] for k in (*keys, "tokens_shared")}
     result.update(
         {
             "step_seconds": result.pop("seconds_step"),
@@ -219,11 +219,12 @@ def model_flops(config) -> dict:
     return {"layer": per_layer, "layers": layers, "head": 2 * d * config.vocab_size}
 
 
-def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dict) -> dict:
+def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dict, shared: float = 0.0) -> dict:
     """Matrix-multiply FLOPs one step of ours executes, phase by phase, counting real tokens only (padding is not
     useful work) and each shared or replayed computation once, as it runs: the policy's frozen bottom (depth
     30 − trainable layers) once a step, the value model's deeper bottom continued from it, the reference above the
-    policy's bottom, the value and reward model above the value model's.
+    policy's bottom, the value and reward model above the value model's; the blocks compute the `shared` tokens
+    (the rows' common start, a system prompt) once for all rows that have them.
 
     generate: the policy over prompt + response tokens, the LM head once per response token;
     score: the bottoms (the policy's not, when decoding computed it: `bottom_from_decoding`); the policy above its
@@ -233,7 +234,7 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dic
       the scoring forward of one of them instead of running it again: the policy's when scoring ran it, else the
       value model's) + backward (2× forward) of their trainable layers, the LM head forward on response tokens and
       its backward (1× for the input's gradient, 2× when the head trains)."""
-    tokens, responses = prompt_tokens + response_tokens, response_tokens
+    tokens, responses = prompt_tokens + response_tokens - shared, response_tokens
     layer, head, depth = fl["layer"], fl["head"], fl["layers"]
     policy_trained = run["trainable_layers"] or depth
     value_trained = run["value_trainable_layers"] or policy_trained
@@ -347,7 +348,8 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
             secs, rates = [], []
             for r in rs:
                 for i in range(1, len(r["step_seconds"])):
-                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], r)[phase]
+                    shared = (r.get("tokens_shared") or [0.0] * len(r["step_seconds"]))[i]
+                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], r, shared)[phase]
                     secs.append(r[f"seconds_{phase}"][i])
                     rates.append(flops / r[f"seconds_{phase}"][i] / 1e9)
             med, rate = statistics.median(secs), statistics.median(rates)

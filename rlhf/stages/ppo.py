@@ -61,7 +61,8 @@ from rlhf.models.policy_value import (
     value_trainable_layers,
     with_eos_column,
 )
-from rlhf.models.reward import pad_batch, score
+from rlhf.models.reward import pad_batch, position_ids, score
+from rlhf.models.unpadded import shared_tokens
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
@@ -479,6 +480,8 @@ def run(cfg: PPOConfig) -> Path:
                 "seconds_train": t3 - t2,
                 "tokens_prompt": float(accelerator.gather(ro.attention_mask[:, : ro.context].sum(1)).sum()),
                 "tokens_response": float(accelerator.gather(ro.response_mask.sum(1)).sum()),
+                # real tokens the blocks compute once for several rows (a common start: rlhf/models/unpadded.py)
+                "tokens_shared": float(accelerator.gather(shared_token_count(ro)).sum()),
                 "seconds_step": time.perf_counter() - t0,
             }
         )
@@ -500,6 +503,14 @@ def run(cfg: PPOConfig) -> Path:
     final = save_final(accelerator, final_policy, tokenizer, st.stage_dir, summary)
     st.say(f"done; policy saved to {final}")
     return final
+
+
+def shared_token_count(ro: Rollouts) -> torch.Tensor:
+    """How many real tokens of the rollouts stand for the same token of an earlier row (`unpadded.shared_tokens`:
+    the rows agree on every token up to it), so the prefill and every skip-padding forward compute them once."""
+    real = ro.attention_mask.bool()
+    index, _ = shared_tokens(real, ro.input_ids.long() * 2**32 + position_ids(ro.attention_mask).long())
+    return (real.sum() - len(index)).reshape(1).to(ro.attention_mask.device)
 
 
 def note_non_finite(st, cfg: PPOConfig, state: PPOState, what: str) -> None:
