@@ -34,6 +34,7 @@ bottom of k blocks over prompt and response, which PPO would otherwise compute a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +154,12 @@ class LlamaDecoder:
             raise ValueError(f"record ({record}) must be between 0 and the model's {len(self.layers)} blocks")
         self.record = record
         self.recorded = torch.zeros(rows, length, cfg.hidden_size) if record else None
+        # a step's blocks in one call of the AVX2 kernel's library where every product is its own
+        self.thin_layers = None
+        fused = os.environ.get("RLHF_THIN_LAYERS", "1") != "0" and self.embed.dtype == torch.float32
+        if fused and thin.ThinLayers.serves(self.layers, self.head_dim):
+            shape = (self.heads, self.kv_heads, self.head_dim, self.intermediate)
+            self.thin_layers = thin.ThinLayers(self.layers, *shape, self.keys_t, self.values)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, mask, positions (B, P): the left-padded prompts -> logits of their last position (B, V)."""
@@ -164,7 +171,22 @@ class LlamaDecoder:
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token (B,), position (B, 1): one more token per row -> its logits (B, V)."""
         self.key_mask[:, self.filled] = True
+        if self.thin_layers is not None:
+            return self.thin_step(token, position)
         return self.forward(token[:, None], position)
+
+    @torch.no_grad()
+    def thin_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """`step` with every block in one call of the kernel library (`thin.ThinLayers`): the same arithmetic."""
+        start = self.filled
+        x = F.embedding(token, self.embed).contiguous()  # (B, H) float32
+        cos, sin = (t.float() for t in self.rotary(x[:, None], position))  # (B, 1, d) each
+        cos, sin = cos[:, 0].contiguous(), (sin * self.sign)[:, 0].contiguous()
+        bias = torch.zeros(self.key_mask.shape[0], start + 1)
+        bias.masked_fill_(~self.key_mask[:, : start + 1], torch.finfo(torch.float32).min)
+        self.thin_layers(x, cos, sin, bias, start, self.recorded, self.record)
+        self.filled = start + 1
+        return self.head(rms_norm(x[:, None], *self.norm).to(self.dtype))[:, 0]  # (B, V)
 
     def extend_bottom(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """ids, positions (B, n): more tokens per row (the last sampled one, which no step fed, and any after it)

@@ -55,3 +55,108 @@ void thin_linear(const float *x, const float *panels, float *y, int64_t M, int64
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * One decoding step of a Llama model's blocks for B rows (one new token each), in float32: what
+ * LlamaDecoder.forward does for a step, with its ~20 eager operations a layer (each a few to tens of µs of fixed
+ * cost: ~15 ms a token for 30 layers on a 2-core CPU, a third of the step) done here in one call. Per layer:
+ *     h = rms_norm(x) · norm1;  q, k, v = h · Wqkvᵀ;  q, k rotated (x·cos + roll(x, d/2)·sin±)
+ *     k, v written into the cache at position `pos`;  each query head attends over cache positions ≤ pos
+ *     (scores · scale + bias, softmax in float32, · values);  x += out · Woᵀ
+ *     h = rms_norm(x) · norm2;  g, u = h · Wgate_upᵀ;  x += (silu(g) · u) · Wdownᵀ
+ * and after layer `record` − 1, x is copied into `recorded` at (b, pos). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void rms_norm_rows(const float *x, const float *w, float eps, float *y, int64_t B, int64_t H) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * H;
+        float sum = 0.f;
+        for (int64_t i = 0; i < H; i++) sum += xb[i] * xb[i];
+        float inv = 1.f / sqrtf(sum / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) y[b * H + i] = w[i] * (xb[i] * inv);
+    }
+}
+
+void decode_layers(int64_t B, int64_t H, int64_t nh, int64_t nkv, int64_t d, int64_t F, int64_t layers,
+                   float *x, const float *cos, const float *sin, const float *const *norm1,
+                   const float *const *norm2, const float *eps, const float *const *qkv_w, int64_t qkv_n,
+                   const float *const *o_w, int64_t o_n, const float *const *gu_w, int64_t gu_n,
+                   const float *const *down_w, int64_t down_n, float *keys_t, float *values, int64_t L,
+                   int64_t pos, const float *bias, float scale, int64_t record, float *recorded) {
+    const int64_t g = nh / nkv, end = pos + 1, half = d / 2, heads = nh + nkv;
+    float *h = malloc(sizeof(float) * B * H);
+    float *qkv = malloc(sizeof(float) * B * qkv_n);
+    float *att = malloc(sizeof(float) * B * nh * d);
+    float *o = malloc(sizeof(float) * B * o_n);
+    float *gu = malloc(sizeof(float) * B * gu_n);
+    float *act = malloc(sizeof(float) * B * F);
+    float *down = malloc(sizeof(float) * B * down_n);
+    float *scores = malloc(sizeof(float) * B * nh * end);
+    for (int64_t l = 0; l < layers; l++) {
+        float *kt = keys_t + l * B * nkv * d * L, *vv = values + l * B * nkv * L * d;
+        rms_norm_rows(x, norm1[l], eps[2 * l], h, B, H);
+        thin_linear(h, qkv_w[l], qkv, B, qkv_n, H);
+        /* rotary on the query and key heads, then keys (transposed) and values into the cache */
+        for (int64_t b = 0; b < B; b++) {
+            const float *c = cos + b * d, *s = sin + b * d;
+            for (int64_t hd = 0; hd < heads; hd++) {
+                float *v = qkv + b * qkv_n + hd * d, r[256];
+                for (int64_t i = 0; i < d; i++) r[i] = v[i] * c[i] + v[(i + half) % d] * s[i];
+                memcpy(v, r, sizeof(float) * d);
+            }
+            for (int64_t j = 0; j < nkv; j++) {
+                const float *k = qkv + b * qkv_n + (nh + j) * d, *val = qkv + b * qkv_n + (heads + j) * d;
+                float *ktj = kt + (b * nkv + j) * d * L;
+                for (int64_t i = 0; i < d; i++) ktj[i * L + pos] = k[i];
+                memcpy(vv + ((b * nkv + j) * L + pos) * d, val, sizeof(float) * d);
+            }
+        }
+        /* attention: every query head over the cache positions 0 … pos of its key/value head */
+#pragma omp parallel for schedule(static)
+        for (int64_t bh = 0; bh < B * nh; bh++) {
+            int64_t b = bh / nh, hd = bh % nh, j = hd / g;
+            const float *q = qkv + b * qkv_n + hd * d, *ktj = kt + (b * nkv + j) * d * L;
+            const float *vj = vv + (b * nkv + j) * L * d, *bb = bias + b * end;
+            float *sc = scores + bh * end, *out = att + b * nh * d + hd * d;
+            for (int64_t t = 0; t < end; t++) sc[t] = 0.f;
+            for (int64_t i = 0; i < d; i++) {
+                const float qi = q[i], *row = ktj + i * L;
+                for (int64_t t = 0; t < end; t++) sc[t] += qi * row[t];
+            }
+            float top = -INFINITY;
+            for (int64_t t = 0; t < end; t++) {
+                sc[t] = bb[t] + scale * sc[t];
+                if (sc[t] > top) top = sc[t];
+            }
+            float sum = 0.f;
+            for (int64_t t = 0; t < end; t++) {
+                sc[t] = expf(sc[t] - top);
+                sum += sc[t];
+            }
+            for (int64_t i = 0; i < d; i++) out[i] = 0.f;
+            for (int64_t t = 0; t < end; t++) {
+                const float p = sc[t] / sum, *vt = vj + t * d;
+                for (int64_t i = 0; i < d; i++) out[i] += p * vt[i];
+            }
+        }
+        thin_linear(att, o_w[l], o, B, o_n, nh * d);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < H; i++) x[b * H + i] += o[b * o_n + i];
+        rms_norm_rows(x, norm2[l], eps[2 * l + 1], h, B, H);
+        thin_linear(h, gu_w[l], gu, B, gu_n, H);
+#pragma omp parallel for schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < F; i++) {
+                float gate = gu[b * gu_n + i];
+                act[b * F + i] = gate / (1.f + expf(-gate)) * gu[b * gu_n + F + i];
+            }
+        thin_linear(act, down_w[l], down, B, down_n, F);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < H; i++) x[b * H + i] += down[b * down_n + i];
+        if (l + 1 == record)
+            for (int64_t b = 0; b < B; b++) memcpy(recorded + (b * L + pos) * H, x + b * H, sizeof(float) * H);
+    }
+    free(h); free(qkv); free(att); free(o); free(gu); free(act); free(down); free(scores);
+}

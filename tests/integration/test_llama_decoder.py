@@ -47,8 +47,9 @@ def test_prefill_and_steps_give_the_transformers_logits(dtype, tol, prompts):
         assert (got.float() - want.float()).abs().max() <= tol * scale
 
 
-def test_the_prefill_multiplies_the_real_tokens_only():
+def test_the_prefill_multiplies_the_real_tokens_only(monkeypatch):
     """Left padding of the prompts is left out of the products (and the logits are still the transformers')."""
+    monkeypatch.setenv("RLHF_THIN_LAYERS", "0")  # steps through the products seen here (tests/integration/test_thin.py)
     tok = tiny_tokenizer()
     model = tiny_model(tok).eval()
     ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
@@ -92,8 +93,9 @@ def test_sampling_takes_the_lean_forward_for_llama_and_draws_what_the_transforme
     model = tiny_model(tok)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]] * 2
     calls = []
-    forward = LlamaDecoder.forward
-    monkeypatch.setattr(LlamaDecoder, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    for name in ("forward", "thin_step"):  # a step in one kernel call where the AVX2 kernel applies
+        counted = getattr(LlamaDecoder, name)
+        monkeypatch.setattr(LlamaDecoder, name, lambda self, *a, f=counted: calls.append(1) or f(self, *a))
 
     def sample():
         torch.manual_seed(0)

@@ -85,3 +85,33 @@ def test_a_machine_that_cannot_build_the_kernel_decodes_with_oneDNN(monkeypatch,
             1,
             len(tok),
         )
+
+
+def test_a_decoding_step_in_one_kernel_call_computes_the_eager_blocks(monkeypatch, fresh_library):
+    """`thin.ThinLayers`: every block of a step in one call computes the decoder's eager step (logits, the cache,
+    the recorded bottom), over left-padded rows and grouped heads; RLHF_THIN_LAYERS=0 keeps the eager step."""
+    kernel()  # skips where it cannot run
+    monkeypatch.setattr(thin, "applies", lambda: True)
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()  # 4 query heads on 2 key/value heads
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    mask = (ids > 0).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(3, 200, (3,), generator=gen) for _ in range(5)]
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("RLHF_THIN_LAYERS", setting)
+        lean = LlamaDecoder(model, 3, 10, record=1)
+        assert (lean.thin_layers is not None) == (setting == "1")
+        with torch.no_grad():
+            logits = [lean.prefill(ids, mask, positions)]
+            logits += [lean.step(t, positions[:, -1:] + 1 + i) for i, t in enumerate(tokens)]
+        results.append((torch.stack(logits), lean.recorded, lean.keys_t, lean.values))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = TransformersDecoder(model)
+    with torch.no_grad():
+        want = [plain.prefill(ids, mask, positions)]
+        want += [plain.step(t, positions[:, -1:] + 1 + i) for i, t in enumerate(tokens)]
+    torch.testing.assert_close(results[0][0], torch.stack(want), rtol=1e-5, atol=1e-5)
