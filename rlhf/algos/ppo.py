@@ -77,10 +77,31 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
     bf16 log-probabilities are too coarse for the PPO ratio exp(logp − logp_old) and for KL ≈ 1e-3 per token, so
     the softmax runs in float32. Memory: this materialises one float32 (B, T, V) copy; with a large vocabulary,
-    call it on chunks of B.
+    call it on chunks of B. The plain version, whose gradient `LabelLogprobs` computes in fewer passes:
+        torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return LabelLogprobs.apply(logits, labels.long())
+
+
+class LabelLogprobs(torch.autograd.Function):
+    """log softmax(logits)[label], with the backward in one new (B, T, V) tensor: the gradient of the logits is
+    (onehot(label) − softmax(logits)) · g, so it is exp(log p) scaled by −g with g added at the labels. Autograd's
+    backward of the plain version fills a zero (B, T, V) tensor for the gather's gradient and writes another for
+    log_softmax's (~60 ms an update of 8 × 32 positions of a 49k vocabulary on a 2-core CPU)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        ctx.save_for_backward(logp, labels)
+        ctx.dtype = logits.dtype
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logp, labels = ctx.saved_tensors
+        g = grad.float().unsqueeze(-1)  # (B, T, 1)
+        out = logp.exp().mul_(-g).scatter_add_(-1, labels.unsqueeze(-1), g)
+        return out.to(ctx.dtype), None
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

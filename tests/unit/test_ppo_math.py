@@ -106,6 +106,22 @@ def test_logprobs_and_entropy_equal_the_naive_softmax_per_position():
             assert entropy[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_logprobs_have_the_gradient_of_the_plain_log_softmax(dtype):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 4, 11)).to(dtype).requires_grad_()
+    labels = torch.randint(11, (3, 4))
+    labels[0, :] = 5  # the same label at several positions
+    upstream = torch.randn(3, 4)
+    (logprobs_from_logits(logits, labels) * upstream).sum().backward()
+    got, logits.grad = logits.grad, None
+    plain = torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]
+    (plain * upstream).sum().backward()
+    assert got.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got, logits.grad, rtol=tol, atol=tol)
+
+
 def test_logprobs_and_entropy_of_bf16_logits_are_float32_and_exact_cases():
     V = 50
     uniform = torch.zeros(1, 1, V, dtype=torch.bfloat16)
