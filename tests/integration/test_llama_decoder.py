@@ -49,7 +49,7 @@ def test_prefill_and_steps_give_the_transformers_logits(dtype, tol, prompts):
 
 def test_the_prefill_multiplies_the_real_tokens_only(monkeypatch):
     """Left padding of the prompts is left out of the products (and the logits are still the transformers')."""
-    monkeypatch.setenv("RLHF_THIN_LAYERS", "0")  # steps through the products seen here (tests/integration/test_thin.py)
+    monkeypatch.setenv("RLHF_THIN_LAYERS", "0")  # steps through the products seen here (one-call steps: test_thin)
     tok = tiny_tokenizer()
     model = tiny_model(tok).eval()
     ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
