@@ -44,7 +44,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from rlhf.models import thin
 from rlhf.models.packing import linear_product
-from rlhf.models.unpadded import shared_tokens
+from rlhf.models.unpadded import shared_tokens, token_keys
 
 
 @dataclass
@@ -218,11 +218,10 @@ class LlamaDecoder:
         # attention on the rows
         real = self.key_mask[:, start:end]  # (B, n)
         index = source = None
-        if n > 1 and start == 0:  # the prefill: every row starts here, so rows that begin alike share
-            index, source = shared_tokens(real, ids.long() * 2**32 + positions.long())
-        elif n > 1:
-            index = real.flatten().nonzero().squeeze(1)
-            source = torch.zeros(b * n, dtype=torch.long).index_copy_(0, index, torch.arange(1, len(index) + 1))
+        if n > 1:  # the prefill starts every row here, so rows that begin alike share; later tokens follow caches
+            # that differ, so they stand for themselves (keys unique to each row and column)
+            keys = token_keys(ids, positions) if start == 0 else torch.arange(b * n).view(b, n)
+            index, source = shared_tokens(real, keys)
         packed = index is not None and len(index) < b * n
 
         def spread(y):  # (N, …) → (B, n, …): each real position gets its token, zeros at the padding

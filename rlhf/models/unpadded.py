@@ -138,6 +138,11 @@ def shared_tokens(real: torch.Tensor, keys: torch.Tensor, same=None) -> tuple[to
     return torch.cat(index), source
 
 
+def token_keys(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`shared_tokens`'s keys for token ids at positions (B, T): equal exactly where both are."""
+    return ids.long() * 2**32 + positions.long()
+
+
 def fingerprints(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One int64 per position of x (B, T, hidden), equal wherever the vectors are equal bit for bit at the same
     position: their bits times fixed random weights, summed in integers (exact, so equal inputs never differ)."""

@@ -62,7 +62,7 @@ from rlhf.models.policy_value import (
     with_eos_column,
 )
 from rlhf.models.reward import pad_batch, position_ids, score
-from rlhf.models.unpadded import shared_tokens
+from rlhf.models.unpadded import shared_tokens, token_keys
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
@@ -509,7 +509,7 @@ def shared_token_count(ro: Rollouts) -> torch.Tensor:
     """How many real tokens of the rollouts stand for the same token of an earlier row (`unpadded.shared_tokens`:
     the rows agree on every token up to it), so the prefill and every skip-padding forward compute them once."""
     real = ro.attention_mask.bool()
-    index, _ = shared_tokens(real, ro.input_ids.long() * 2**32 + position_ids(ro.attention_mask).long())
+    index, _ = shared_tokens(real, token_keys(ro.input_ids, position_ids(ro.attention_mask)))
     return (real.sum() - len(index)).reshape(1).to(ro.attention_mask.device)
 
 

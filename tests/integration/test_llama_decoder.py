@@ -47,6 +47,14 @@ def test_prefill_and_steps_give_the_transformers_logits(dtype, tol, prompts):
         assert (got.float() - want.float()).abs().max() <= tol * scale
 
 
+def rows_multiplied(lean: LlamaDecoder) -> list:
+    """The leading shapes of what block 0's q/k/v product multiplies, call by call (patched in)."""
+    rows = []
+    norm1, qkv, *rest = lean.layers[0]
+    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    return rows
+
+
 def test_the_prefill_multiplies_the_real_tokens_only(monkeypatch):
     """Left padding of the prompts is left out of the products (and the logits are still the transformers')."""
     monkeypatch.setenv("RLHF_THIN_LAYERS", "0")  # steps through the products seen here (one-call steps: test_thin)
@@ -54,9 +62,7 @@ def test_the_prefill_multiplies_the_real_tokens_only(monkeypatch):
     model = tiny_model(tok).eval()
     ids, mask, positions = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13], [15, 16, 17, 18]], tok.pad_token_id)
     lean = LlamaDecoder(model, len(ids), ids.shape[1] + 2)
-    rows = []
-    norm1, qkv, *rest = lean.layers[0]
-    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    rows = rows_multiplied(lean)
     with torch.no_grad():
         got = lean.prefill(ids, mask, positions)
         want = TransformersDecoder(model).prefill(ids, mask, positions)
@@ -70,19 +76,15 @@ def test_the_prefill_computes_the_tokens_prompts_begin_with_once():
     model = tiny_model(tok).eval()
     ids, mask, positions = left_padded(BEGIN_ALIKE, tok.pad_token_id)
     lean = LlamaDecoder(model, len(ids), ids.shape[1] + 2)
-    rows = []
-    norm1, qkv, *rest = lean.layers[0]
-    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    rows = rows_multiplied(lean)
     with torch.no_grad():
         got = lean.prefill(ids, mask, positions)
         want = TransformersDecoder(model).prefill(ids, mask, positions)
     assert rows == [(7 + 4 + 5 - 3 - 2,)]  # the second prompt's 5, 6, 7 and the third's 5, 6 are the first's
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     ids, mask, positions = left_padded([[5, 6, 7], [9, 5, 6, 7]], tok.pad_token_id)  # alike, but not at the start
-    rows.clear()
     lean = LlamaDecoder(model, 2, 6)
-    norm1, qkv, *rest = lean.layers[0]
-    lean.layers[0] = (norm1, lambda x: rows.append(x.shape[:-1]) or qkv(x), *rest)
+    rows = rows_multiplied(lean)
     with torch.no_grad():
         lean.prefill(ids, mask, positions)
     assert rows == [(7,)]  # nothing shared

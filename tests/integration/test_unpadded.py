@@ -39,13 +39,23 @@ def ppo_rows():
     return ids, mask
 
 
+@pytest.mark.parametrize(
+    ("rows", "computed"),
+    [
+        ("ppo_rows", lambda mask: int(mask.sum())),  # the real tokens only
+        # 9 + 7 + 8 + 7 real tokens; row 1 shares 4 with row 0, row 3 shares 5 with row 2
+        ("rows_beginning_alike", lambda mask: int(mask.sum()) - 4 - 5),
+    ],
+)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_padding_is_skipped_with_the_same_outputs_and_gradients(autocast):
+def test_padding_is_skipped_and_shared_tokens_computed_once_with_the_same_outputs_and_gradients(
+    autocast, rows, computed
+):
     model, _ = load_causal_lm("tiny")
     assert model.model._rlhf_skip_padding
     plain = without_hooks(model)
     shapes = block_inputs(model)
-    ids, mask = ppo_rows()
+    ids, mask = globals()[rows]()
     real = mask.bool()
     results = []
     for m in (model, plain):
@@ -54,7 +64,7 @@ def test_padding_is_skipped_with_the_same_outputs_and_gradients(autocast):
         logits = out.logits.float()
         (logits[real].log_softmax(-1)[:, 7].sum()).backward()
         results.append((logits, {n: p.grad for n, p in m.named_parameters()}))
-    assert shapes == [(1, int(mask.sum()), 64)]  # block 0 saw the real tokens only, as one sequence
+    assert shapes == [(1, computed(mask), 64)]  # block 0 saw the tokens it computes only, as one sequence
     (packed, grads), (padded, plain_grads) = results
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(packed[real], padded[real], rtol=tol, atol=tol)
@@ -170,29 +180,6 @@ def rows_beginning_alike():
     for i, r in enumerate(rows):
         ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     return ids, mask
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_tokens_that_rows_share_are_computed_once_with_the_same_outputs_and_gradients(autocast):
-    model, _ = load_causal_lm("tiny")
-    plain = without_hooks(model)
-    shapes = block_inputs(model)
-    ids, mask = rows_beginning_alike()
-    real = mask.bool()
-    results = []
-    for m in (model, plain):
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            out = m(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-        logits = out.logits.float()
-        (logits[real].log_softmax(-1)[:, 7].sum()).backward()
-        results.append((logits, {n: p.grad for n, p in m.named_parameters()}))
-    # 9 + 7 + 8 + 7 real tokens; row 1 shares 4 with row 0, row 3 shares 5 with row 2
-    assert int(mask.sum()) == 31 and shapes == [(1, 31 - 4 - 5, 64)]
-    (shared, grads), (padded, plain_grads) = results
-    tol = 2e-2 if autocast else 1e-5
-    torch.testing.assert_close(shared[real], padded[real], rtol=tol, atol=tol)
-    for name, g in plain_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=tol, atol=tol * g.abs().max().item(), msg=name)
 
 
 def test_a_replayed_bottom_shares_what_the_bottom_shared():
