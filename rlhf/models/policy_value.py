@@ -69,27 +69,48 @@ class PolicyAndValue(torch.nn.Module):
         value = bottom_output(trunk, self.value_depth, input_ids, **kwargs) if self.value_depth else None
         return policy, value
 
-    def logits(self, input_ids, attention_mask, context: int, bottom=None) -> torch.Tensor:
-        """The policy's logits that predict the response tokens, (B, T, V) (`lm_response_logits`)."""
-        return lm_response_logits(self.policy, input_ids, attention_mask, context, bottom, self.policy_depth)
+    def logits(self, input_ids, attention_mask, context: int, bottom=None, temperature: float = 1.0) -> torch.Tensor:
+        """The policy's logits that predict the response tokens, divided by `temperature`, (B, T, V)
+        (`lm_response_logits`)."""
+        return lm_response_logits(
+            self.policy, input_ids, attention_mask, context, bottom, self.policy_depth, temperature
+        )
 
-    def forward(self, input_ids, attention_mask, context: int, bottoms=(None, None)):
-        """Response logits (B, T, V) of the policy and values (B, T), for rows of prompt (P = context) + response."""
-        logits = self.logits(input_ids, attention_mask, context, bottoms[0])
+    def forward(self, input_ids, attention_mask, context: int, bottoms=(None, None), temperature: float = 1.0):
+        """Response logits (B, T, V) of the policy at `temperature` and values (B, T), for rows of prompt
+        (P = context) + response."""
+        logits = self.logits(input_ids, attention_mask, context, bottoms[0], temperature)
         return logits, self.values(input_ids, attention_mask, context, bottoms[1])
 
 
-def lm_response_logits(lm, input_ids, attention_mask, context: int, bottom=None, depth: int = 0) -> torch.Tensor:
-    """The logits that predict the response tokens, (B, T, V): position t predicts token t + 1, so positions
+def lm_response_logits(
+    lm, input_ids, attention_mask, context: int, bottom=None, depth: int = 0, temperature: float = 1.0
+) -> torch.Tensor:
+    """The logits that predict the response tokens, divided by `temperature`, (B, T, V): position t predicts token
+    t + 1, so positions
     context−1 … L−2. The LM head runs on those T positions only (`logits_to_keep` as their indices): on the prompt it
     would cost a fifth of a small model's FLOPs per token for nothing. Their hidden states are gathered into one
     contiguous (B, T, hidden) block, so the head is one matrix product; a strided slice of the last T + 1 positions
     made the CPU multiply the head's weight once per row (a batched product with the weight broadcast, at about half
     the rate: 234 against ~120 ms forward for 8 × 32 tokens of a 49k vocabulary), and its backward filled a
     (B, T + 1, V) zero gradient for the one position not kept. With `bottom` (what `lm`'s `depth` frozen bottom
-    blocks give for these rows) only the blocks above run."""
+    blocks give for these rows) only the blocks above run.
+
+    The temperature divides the head's input, (B, T, hidden), not its output: logits / τ = (hidden / τ) · Wᵀ, and
+    the output is the vocabulary's width (49k for the embedded model's 576), so dividing it, and back-propagating the
+    division, were two more passes over B·T·V floats (~25 ms each for 8 × 32 positions on a 2-core CPU). A model
+    that caps its logits (`final_logit_softcapping`, Gemma 2) has its output divided."""
     keep = torch.arange(context - 1, input_ids.shape[1] - 1, device=input_ids.device)
-    return forward_from(lm, input_ids, bottom, depth, logits_to_keep=keep, **forward_kwargs(attention_mask)).logits
+    capped = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    scale = None
+    if temperature != 1.0 and not capped:
+        scale = lm.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0] / temperature,))
+    try:
+        out = forward_from(lm, input_ids, bottom, depth, logits_to_keep=keep, **forward_kwargs(attention_mask))
+    finally:
+        if scale is not None:
+            scale.remove()
+    return out.logits if scale is not None or temperature == 1.0 else out.logits / temperature
 
 
 def forward_kwargs(attention_mask: torch.Tensor) -> dict:

@@ -129,10 +129,10 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def response_logprobs(resp_logits: torch.Tensor, input_ids: torch.Tensor, context: int, temperature: float):
-    """Log-probabilities of the response tokens under resp_logits / temperature, (B, T); and those logits."""
-    resp_logits = resp_logits / temperature
-    return logprobs_from_logits(resp_logits, input_ids[:, context:]), resp_logits
+def response_logprobs(resp_logits: torch.Tensor, input_ids: torch.Tensor, context: int) -> torch.Tensor:
+    """Log-probabilities of the response tokens under resp_logits (already divided by the temperature:
+    `lm_response_logits`), (B, T)."""
+    return logprobs_from_logits(resp_logits, input_ids[:, context:])
 
 
 def rollout(
@@ -224,13 +224,13 @@ def forward_rollouts(
                     bottoms = tuple(own[id(b)] if b is not None else None for b in bottoms)
             if ro.logprobs is None:
                 with torch.set_grad_enabled(keep == "policy"):
-                    logits = unwrapped.logits(ids, mask, ro.context, bottoms[0])
-                    logprobs, resp_logits = response_logprobs(logits, ids, ro.context, cfg.temperature)
+                    logits = unwrapped.logits(ids, mask, ro.context, bottoms[0], cfg.temperature)
+                    logprobs = response_logprobs(logits, ids, ro.context)
                     if keep == "policy":
                         kept["logprobs"] = logprobs
                         if cfg.entropy_coef:
-                            kept["entropy"] = entropy_from_logits(resp_logits)
-                    del logits, resp_logits
+                            kept["entropy"] = entropy_from_logits(logits)
+                    del logits
                 out["logprobs"].append(logprobs.detach())
             with torch.set_grad_enabled(keep == "value"):
                 values = unwrapped.values(ids, mask, ro.context, bottoms[1])
@@ -240,12 +240,16 @@ def forward_rollouts(
             with torch.no_grad():
                 if ref_policy is None:  # LoRA: the reference is the same weights with the adapters switched off
                     with unwrapped.policy.disable_adapter():
-                        ref_logits = lm_response_logits(unwrapped.policy, ids, mask, ro.context)
+                        ref_logits = lm_response_logits(
+                            unwrapped.policy, ids, mask, ro.context, temperature=cfg.temperature
+                        )
                 else:
                     ref_bottom = bottoms[0] if ref_replays else None
                     depth = unwrapped.policy_depth
-                    ref_logits = lm_response_logits(ref_policy, ids, mask, ro.context, ref_bottom, depth)
-                out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context, cfg.temperature)[0])
+                    ref_logits = lm_response_logits(
+                        ref_policy, ids, mask, ro.context, ref_bottom, depth, cfg.temperature
+                    )
+                out["ref_logprobs"].append(response_logprobs(ref_logits, ids, ro.context))
         for key, bottom in zip(("bottom_policy", "bottom_value"), bottoms, strict=True):
             if bottom is not None and not (key == "bottom_value" and unwrapped.value_bottom_is_policys):
                 out[key].append(bottom)
@@ -603,7 +607,7 @@ def backward_losses(
     ids, attention, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
     values = logits = None
     if not split:
-        logits, values = model(ids, attention, ro.context, bottoms)
+        logits, values = model(ids, attention, ro.context, bottoms, cfg.temperature)
 
     def value_part():
         v = kept["values"][idx] if "values" in kept else values
@@ -615,10 +619,10 @@ def backward_losses(
         if "logprobs" in kept:
             logprobs, entropy = kept["logprobs"][idx], kept["entropy"][idx] if "entropy" in kept else None
         else:
-            out = logits if logits is not None else pv.logits(ids, attention, ro.context, bottoms[0])
-            logprobs, resp_logits = response_logprobs(out, ids, ro.context, cfg.temperature)
-            entropy = entropy_from_logits(resp_logits) if cfg.entropy_coef else None
-            del out, resp_logits  # (B, T, V) each: not kept through the backward pass
+            out = logits if logits is not None else pv.logits(ids, attention, ro.context, bottoms[0], cfg.temperature)
+            logprobs = response_logprobs(out, ids, ro.context)
+            entropy = entropy_from_logits(out) if cfg.entropy_coef else None
+            del out  # (B, T, V): not kept through the backward pass
         pg_loss, pg = policy_loss(logprobs, fwd["logprobs"][idx], advantages[idx], mask, cfg.cliprange)
         total = pg_loss
         if cfg.entropy_coef:

@@ -233,12 +233,12 @@ def test_response_logprobs_do_not_depend_on_padding():
     pad = tok.pad_token_id
     prompt, response = [5, 6, 7, 8], [20, 21, 22, tok.eos_token_id]
     alone_ids = torch.tensor([prompt + response])
-    alone, _ = response_logprobs(model(alone_ids, torch.ones_like(alone_ids), 4)[0], alone_ids, 4, 1.0)
+    alone = response_logprobs(model(alone_ids, torch.ones_like(alone_ids), 4)[0], alone_ids, 4)
     # in a batch: 3 pads left of the prompt (a longer prompt beside it), 2 pads after the response
     other = [9, 10, 11, 12, 13, 14, 15] + [30, 31, 32, 33, 34, 35]
     ids = torch.tensor([[pad] * 3 + prompt + response + [pad] * 2, other])
     mask = torch.tensor([[0] * 3 + [1] * 8 + [0] * 2, [1] * 13])
-    batched, _ = response_logprobs(model(ids, mask, 7)[0], ids, 7, 1.0)
+    batched = response_logprobs(model(ids, mask, 7)[0], ids, 7)
     torch.testing.assert_close(batched[0, :4], alone[0], rtol=0, atol=1e-5)
     # the values too
     _, v_alone = model(alone_ids, torch.ones_like(alone_ids), 4)

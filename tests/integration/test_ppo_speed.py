@@ -52,7 +52,8 @@ def assert_replay_is_whole(whole, pv, bottoms, ids, mask, context: int = 5) -> N
         torch.testing.assert_close(expected[2][name], got[2][name], rtol=0, atol=0, msg=name)
 
 
-def test_response_logits_are_the_full_forwards_at_the_response_positions():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logits_are_the_full_forwards_at_the_response_positions(temperature):
     torch.manual_seed(0)
     policy, _ = load_causal_lm("tiny")
     ids = torch.randint(3, 100, (3, 11))
@@ -61,10 +62,12 @@ def test_response_logits_are_the_full_forwards_at_the_response_positions():
     mask[2, -2:] = 0  # padding after a short response
     context = 5
     full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.detach()
-    got = lm_response_logits(policy, ids, mask, context)
+    got = lm_response_logits(policy, ids, mask, context, temperature=temperature)
     assert got.shape == (3, 6, full.shape[-1])  # positions 4 … 9 predict tokens 5 … 10
     real = mask[:, context - 1 : -1].bool()  # (what a padding position predicts is never read)
-    torch.testing.assert_close(got.detach()[real], full[:, context - 1 : -1][real], rtol=1e-5, atol=1e-5)
+    expected = full[:, context - 1 : -1][real] / temperature
+    torch.testing.assert_close(got.detach()[real], expected, rtol=1e-5, atol=1e-5)
+    assert not policy.get_output_embeddings()._forward_pre_hooks  # the head's input is scaled for this call only
     got.square().mean().backward()  # the head's and the blocks' gradients flow through the gathered positions
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters() if p.requires_grad)
 
@@ -80,7 +83,7 @@ def test_sampling_logprobs_equal_a_forward_pass():
     mask = torch.cat([prompt_mask, torch.ones_like(responses)], 1)
     context = prompt_ids.shape[1]
     with torch.no_grad():
-        recomputed, _ = response_logprobs(lm_response_logits(policy, ids, mask, context), ids, context, 0.7)
+        recomputed = response_logprobs(lm_response_logits(policy, ids, mask, context, temperature=0.7), ids, context)
     is_eos = (responses == tok.eos_token_id).int()
     before_eos = (is_eos.cumsum(1) - is_eos) == 0  # tokens up to and including the first EOS
     assert before_eos.sum() > 10
