@@ -33,19 +33,21 @@ def kernel():
         pytest.skip(f"no C compiler to build the kernel: {e}")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 129, 300])  # every tail of a 4-row block, 128-row chunks
-def test_the_kernel_multiplies_as_f_linear(rows):
+# every tail of a 4-row block; up to 16 rows (a decoding step) in pieces of 32 weight rows, more in 128-row chunks
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 16, 17, 129, 300])
+@pytest.mark.parametrize("k", [37, 70])  # no multiple of 8; a decoding step's pieces: 32 + 5, 32 + 32 + 6
+def test_the_kernel_multiplies_as_f_linear(rows, k):
     lib = kernel()
     gen = torch.Generator().manual_seed(rows)
-    # two weights stacked (as q, k, v are), 53 outputs: the last panel of 24 is padded; K = 37 is no multiple of 8
-    weights = [torch.randn(40, 37, generator=gen), torch.randn(13, 37, generator=gen)]
-    x = torch.randn(rows, 37, generator=gen)
+    # two weights stacked (as q, k, v are), 53 outputs: the last panel of 24 is padded
+    weights = [torch.randn(40, k, generator=gen), torch.randn(13, k, generator=gen)]
+    x = torch.randn(rows, k, generator=gen)
     got = ThinProduct(weights, lib)(x)
     want = F.linear(x, torch.cat(weights))
     assert got.shape == (rows, 53)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and rows given as (B, n, K), the decoder's shape; a bf16 weight is multiplied in float32
-    x3 = x[: rows - rows % 2].view(2, -1, 37) if rows > 1 else x.view(1, 1, 37)
+    x3 = x[: rows - rows % 2].view(2, -1, k) if rows > 1 else x.view(1, 1, k)
     got3 = ThinProduct([w.bfloat16() for w in weights], lib)(x3)
     torch.testing.assert_close(got3, F.linear(x3, torch.cat(weights).bfloat16().float()), rtol=1e-5, atol=1e-5)
 
