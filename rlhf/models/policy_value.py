@@ -25,7 +25,8 @@ from rlhf.models.freeze import (
 from rlhf.models.lean import lean_backward
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import wrap_lora
-from rlhf.models.reward import load_reward_model, pad_batch, position_ids
+from rlhf.models.reward import last_positions, load_reward_model, pad_batch, position_ids
+from rlhf.models.unpadded import reading
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -51,7 +52,8 @@ class PolicyAndValue(torch.nn.Module):
         """The value of the state each response token follows (positions context−1 … L−2), (B, T) float32.
         `bottom`: what the value model's frozen bottom gives for these rows (`bottoms`), to start from."""
         trunk, head = self.value_parts()
-        out = forward_from(trunk, input_ids, bottom, self.value_depth, **forward_kwargs(attention_mask))
+        with reading(response_positions(attention_mask, context)):
+            out = forward_from(trunk, input_ids, bottom, self.value_depth, **forward_kwargs(attention_mask))
         return head(out.last_hidden_state[:, context - 1 : -1]).squeeze(-1).float()
 
     def bottoms(self, input_ids, attention_mask, policy=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -106,11 +108,20 @@ def lm_response_logits(
     if temperature != 1.0 and not capped:
         scale = lm.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0] / temperature,))
     try:
-        out = forward_from(lm, input_ids, bottom, depth, logits_to_keep=keep, **forward_kwargs(attention_mask))
+        with reading(response_positions(attention_mask, context)):
+            out = forward_from(lm, input_ids, bottom, depth, logits_to_keep=keep, **forward_kwargs(attention_mask))
     finally:
         if scale is not None:
             scale.remove()
     return out.logits if scale is not None or temperature == 1.0 else out.logits / temperature
+
+
+def response_positions(attention_mask: torch.Tensor, context: int) -> torch.Tensor:
+    """(B, L) bool: the positions whose output predicts or values a response token, context − 1 … L − 2: the only
+    ones a trunk's last block computes whole (`unpadded.reading`)."""
+    reads = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+    reads[:, context - 1 : -1] = True
+    return reads
 
 
 def forward_kwargs(attention_mask: torch.Tensor) -> dict:
@@ -245,6 +256,7 @@ def score_from_bottom(reward_model, bottom: torch.Tensor, attention_mask: torch.
     """The reward model's score of each row, (B,), from `bottom` (what its bottom `depth` blocks give for these
     rows, (B, L, hidden)), read at each row's last real token."""
     trunk = trunk_of(reward_model)
-    hidden = forward_from(trunk, None, bottom, depth, **forward_kwargs(attention_mask)).last_hidden_state
+    with reading(last_positions(attention_mask)):
+        hidden = forward_from(trunk, None, bottom, depth, **forward_kwargs(attention_mask)).last_hidden_state
     last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,)
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, LlamaForSequenceCla
 
 from rlhf.models.attention import use_small_attention
 from rlhf.models.load import TINY, ModelLoadError, load_tokenizer, resolve
+from rlhf.models.unpadded import reading
 
 PAD = "<|pad|>"
 
@@ -65,8 +66,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per sequence, (B,), read at its last real token."""
     kwargs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
-    out = model(input_ids=input_ids, **kwargs)  # no cache: the blocks skip the padding (rlhf/models/unpadded.py)
+    with reading(last_positions(attention_mask)):  # the last block computes the last tokens whole, the rest as keys
+        out = model(input_ids=input_ids, **kwargs)  # no cache: the blocks skip the padding (rlhf/models/unpadded.py)
     return out.logits[:, 0].float()
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: each row's last real token, where a reward model reads its score."""
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+    reads = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+    reads[torch.arange(len(reads), device=reads.device), last] = True
+    return reads
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

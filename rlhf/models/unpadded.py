@@ -29,10 +29,18 @@ keys and values every row's attention reads, the trunk's output) copies it into 
 copies' gradients add up in the one token, as they would have added up in the weights. Whether the first block's
 inputs agree is read from the values themselves (bit for bit, positions included), so replaying a frozen bottom's
 output shares what the bottom shared.
+
+A caller that reads only some positions of the trunk's output says which (`reading`): the response positions of a
+policy's log-probs and a value model's values, the last token of a reward model's score. The last block then
+computes its queries, output projection and MLP at those positions only; its keys and values, which every position
+reads, at all of them. (In any earlier block every position is needed, as keys and values of the next.) The
+benchmark's rollouts are 437 tokens of which 256 are read, and a reward model reads one a row. The other
+positions of that block's output are left as its input with nothing added: defined, never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -55,6 +63,17 @@ class Layout:
     started: bool = False  # the first block has packed the hidden states
     source: torch.Tensor | None = None  # (B·T,) long, with shared tokens only
     real: torch.Tensor | None = None  # (B, T) bool
+    reads: torch.Tensor | None = None  # (B, T) bool: the positions of the output that are read (`reading`)
+    last: torch.nn.Module | None = None  # the trunk's last block in this forward
+    keep: torch.Tensor | None = None  # (n,) long: the places in `index` of the tokens read, while `last` runs
+
+    def places(self, wanted: torch.Tensor) -> torch.Tensor:
+        """The places in `index` (sorted, each once) of the tokens computed for the real positions `wanted` (B, T)
+        bool, shared tokens included."""
+        flat = (wanted & self.real).flatten()
+        if self.source is not None:
+            return torch.unique(self.source[flat] - 1)
+        return (self.real.flatten().cumsum(0) - 1)[flat]
 
     def share(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> None:
         """Compute once the tokens that rows share (`shared_tokens`), from the first block's input (B, T, hidden)
@@ -164,6 +183,18 @@ def same_vectors(x: torch.Tensor, positions: torch.Tensor):
     return same
 
 
+@contextlib.contextmanager
+def reading(reads: torch.Tensor):
+    """Within this block, a trunk forward that skips padding (B, T) reads only the positions `reads` (B, T) bool of
+    its output: its last block computes the rest as keys and values only, and leaves their output as its input.
+    A forward of other rows, or one that does not skip padding, computes everything."""
+    before, _now.reads = getattr(_now, "reads", None), reads
+    try:
+        yield
+    finally:
+        _now.reads = before
+
+
 def padded_attention(attention, module, query, key, value, layout: Layout, dtype, *args, **kwargs):
     """`attention` (an attention-interface function) of packed queries, keys and values, (1, H, N, d), computed in
     the padded layout with `layout.mask`; returns the packed output (1, N, H, d). They are cast to `dtype` (what
@@ -204,7 +235,55 @@ def skip_padding(model) -> bool:
             h.remove()
         del trunk._rlhf_skip_padding
         return False
+    partial = [_read_only(block, part) for block in blocks for part in _partial_parts(block)]
+    trunk._rlhf_partial = bool(partial)
+    if partial:
+        read = torch.tensor([[0, 0, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]], dtype=torch.bool)  # some of the real tokens
+        with reading(read):
+            got = _probe(trunk, read)
+        if got is None or not torch.allclose(got, packed[read[_PROBE_MASK.bool()]], rtol=1e-4, atol=1e-4):
+            for h in partial:
+                h.remove()
+            trunk._rlhf_partial = False
     return True
+
+
+def _partial_parts(block) -> list[torch.nn.Module]:
+    """The parts of a block that work on each position alone and that the last block runs at the positions read
+    only: the queries' and the output's projections, the MLP (a block without all three is run whole)."""
+    attention = getattr(block, "self_attn", None)
+    parts = [getattr(attention, "q_proj", None), getattr(attention, "o_proj", None), getattr(block, "mlp", None)]
+    return parts if all(isinstance(p, torch.nn.Module) for p in parts) else []
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _read_only(block, part) -> _Handles:
+    """Hooks that run `part` of `block` on the positions read only, while `block` is the last of a forward that
+    reads some (`reading`): its input (1, N, …) narrowed to those n tokens, its output (1, n, …) put back in place
+    (zeros elsewhere)."""
+
+    def narrow(_, args):
+        layout = getattr(_now, "layout", None)
+        if layout is None or layout.keep is None or layout.last is not block:
+            return None
+        return (args[0].index_select(1, layout.keep), *args[1:])
+
+    def widen(_, args, output):
+        layout = getattr(_now, "layout", None)
+        if layout is None or layout.keep is None or layout.last is not block:
+            return None
+        out = output.new_zeros(output.shape[0], len(layout.index), *output.shape[2:])
+        return out.index_copy(1, layout.keep, output)
+
+    return _Handles(part.register_forward_pre_hook(narrow), part.register_forward_hook(widen))
 
 
 def _all_full_attention(trunk, blocks) -> bool:
@@ -234,6 +313,10 @@ def _trunk_starts(trunk, args, kwargs) -> None:
     recomputes = trunk.training and any(getattr(m, "gradient_checkpointing", False) for m in (trunk, *trunk.layers))
     padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
     _now.layout = Layout.of(mask) if padded and small and not (keeps or outputs or recomputes) else None
+    reads = getattr(_now, "reads", None)
+    if _now.layout is not None and reads is not None and getattr(trunk, "_rlhf_partial", False) and len(trunk.layers):
+        if reads.shape == mask.shape:
+            _now.layout.reads, _now.layout.last = reads.to(mask.device), trunk.layers[-1]
 
 
 def _block_starts(block, args, kwargs):
@@ -244,6 +327,9 @@ def _block_starts(block, args, kwargs):
     if not layout.started:  # the first block: (B, T, hidden) → (1, N, hidden), tokens rows share once
         layout.share(hidden, kwargs.get("position_ids"))
         hidden, layout.started = layout.pack(hidden), True
+    if block is layout.last and layout.reads is not None:
+        keep = layout.places(layout.reads)
+        layout.keep = keep if len(keep) < len(layout.index) else None  # nothing to leave out: run it whole
     kwargs["attention_mask"] = layout
     if kwargs.get("position_embeddings") is not None:
         kwargs["position_embeddings"] = tuple(layout.pack_once(x) for x in kwargs["position_embeddings"])
@@ -262,18 +348,22 @@ def _trunk_ends(trunk, args, output):
     return output
 
 
+_PROBE_MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
 @torch.no_grad()
-def _probe(trunk) -> torch.Tensor | None:
+def _probe(trunk, read: torch.Tensor | None = None) -> torch.Tensor | None:
     """The output of the trunk's first block at the real tokens of a left- and a right-padded row (None: the forward
     failed). One block: every block is alike, and reading all of them would page the whole of a memory-mapped
-    checkpoint into memory at load (200 MB more peak memory in a PPO run of four 135M models)."""
+    checkpoint into memory at load (200 MB more peak memory in a PPO run of four 135M models). `read` (2, 6) bool:
+    the output at those positions only."""
     from rlhf.models.freeze import only_blocks
     from rlhf.models.reward import position_ids
 
     gen = torch.Generator().manual_seed(0)
     weight = trunk.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (2, 6), generator=gen).to(weight.device)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], device=weight.device)
+    mask = _PROBE_MASK.to(weight.device)
     ids[1, :2] = ids[0, 2:4]  # the rows begin alike: their first two tokens are computed once
     positions = position_ids(mask)
     try:
@@ -284,4 +374,4 @@ def _probe(trunk) -> torch.Tensor | None:
         return None
     finally:
         _now.layout = None
-    return out[mask.bool()]
+    return out[mask.bool() if read is None else read.to(out.device)]

@@ -1,5 +1,6 @@
 """Blocks that skip the padding compute what the padded forward computes at the real tokens (tiny model)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from rlhf.models.load import load_causal_lm
 from rlhf.models.reward import position_ids
-from rlhf.models.unpadded import skip_padding
+from rlhf.models.unpadded import reading, skip_padding
 
 
 def without_hooks(model):
@@ -160,6 +161,38 @@ def test_a_model_whose_attention_cannot_skip_padding_keeps_its_own_forward():
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in eager.modules()) == hooks
     ids, mask = ppo_rows()
     eager(input_ids=ids, attention_mask=mask, use_cache=False)  # runs, padded
+
+
+@pytest.mark.parametrize("rows", ["ppo_rows", "rows_beginning_alike"])
+def test_the_last_block_computes_whole_only_the_positions_read(rows):
+    model, _ = load_causal_lm("tiny")
+    assert model.model._rlhf_partial
+    plain = without_hooks(model)
+    last = model.model.layers[-1]
+    seen = []  # how many positions the last block's query projection and MLP compute, per forward
+    for part in (last.self_attn.q_proj, last.mlp):
+        part.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    ids, mask = globals()[rows]()
+    reads = torch.zeros_like(mask, dtype=torch.bool)
+    reads[:, 3:7] = True  # some prompt and response positions, shared ones among them, some padding
+    read = reads & mask.bool()
+    results = []
+    for m, context in ((model, reading(reads)), (plain, contextlib.nullcontext())):
+        with context:
+            logits = m(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        logits[read].log_softmax(-1)[:, 7].sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (got, grads), (want, plain_grads) = results
+    # rows 1 and 3 read 1 and 3 tokens they share with positions rows 0 and 2 read: computed once
+    computed = int(read.sum()) - (1 + 3 if rows == "rows_beginning_alike" else 0)
+    assert seen == [computed, computed]
+    torch.testing.assert_close(got[read], want[read], rtol=1e-5, atol=1e-5)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
+    assert not torch.allclose(got[mask.bool() & ~read], want[mask.bool() & ~read])  # the rest was not computed
+    # outside `reading` the last block computes every position again
+    model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    assert seen[2:] == [int(mask.sum()) - (4 + 5 if rows == "rows_beginning_alike" else 0)] * 2
 
 
 def rows_beginning_alike():
