@@ -68,6 +68,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.thin_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.thin_linear.restype = None
+    lib.pack_panels.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.pack_panels.restype = None
     i64, ptr, ptrs = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
     lib.decode_layers.argtypes = [
         *[i64] * 7,  # B, H, heads, kv heads, head size, intermediate size, layers
@@ -152,15 +154,13 @@ class ThinProduct:
 
     def __init__(self, weights: list[torch.Tensor], lib=None):
         self.lib = lib or library()
-        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # (N, K)
-        stacked = stacked.detach().float()
-        self.n, self.k = stacked.shape
-        whole, rest = divmod(self.n, PANEL)
-        # one strided copy of the weights: panel p, row k holds W[24p .. 24p + 23, k] (zeros past N)
-        self.panels = torch.empty(whole + bool(rest), self.k, PANEL)  # (N' / PANEL, K, PANEL)
-        self.panels[:whole].transpose(1, 2).copy_(stacked[: whole * PANEL].reshape(whole, PANEL, self.k))
-        if rest:
-            self.panels[whole] = F.pad(stacked[whole * PANEL :], (0, 0, 0, PANEL - rest)).T
+        weights = [w.detach().float().contiguous() for w in weights]  # (N_i, K) each, stacked: (N, K)
+        self.n, self.k = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        # panel p, row k holds W[24p .. 24p + 23, k] (zeros past N), packed by the kernel library
+        self.panels = torch.empty(-(-self.n // PANEL), self.k, PANEL)  # (N' / PANEL, K, PANEL)
+        addresses = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
+        rows = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
+        self.lib.pack_panels(addresses, rows, len(weights), self.k, self.panels.data_ptr())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
