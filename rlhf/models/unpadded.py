@@ -66,6 +66,7 @@ class Layout:
     reads: torch.Tensor | None = None  # (B, T) bool: the positions of the output that are read (`reading`)
     last: torch.nn.Module | None = None  # the trunk's last block in this forward
     keep: torch.Tensor | None = None  # (n,) long: the places in `index` of the tokens read, while `last` runs
+    parts: frozenset = frozenset()  # ids of `last`'s parts that run on those tokens only (`_partial_parts`)
 
     def places(self, wanted: torch.Tensor) -> torch.Tensor:
         """The places in `index` (sorted, each once) of the tokens computed for the real positions `wanted` (B, T)
@@ -235,7 +236,12 @@ def skip_padding(model) -> bool:
             h.remove()
         del trunk._rlhf_skip_padding
         return False
-    partial = [_read_only(block, part) for block in blocks for part in _partial_parts(block)]
+    # (the hooks hold no block: a block shared into another model, `freeze.share_frozen_layers`, must not keep the
+    # one it replaced alive)
+    parts = [part for block in blocks for part in _partial_parts(block)]
+    partial = [
+        h for part in parts for h in (part.register_forward_pre_hook(_narrow), part.register_forward_hook(_widen))
+    ]
     trunk._rlhf_partial = bool(partial)
     if partial:
         read = torch.tensor([[0, 0, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]], dtype=torch.bool)  # some of the real tokens
@@ -256,34 +262,22 @@ def _partial_parts(block) -> list[torch.nn.Module]:
     return parts if all(isinstance(p, torch.nn.Module) for p in parts) else []
 
 
-class _Handles:
-    def __init__(self, *handles):
-        self.handles = handles
+def _narrow(part, args):
+    """`part` of the last block of a forward that reads some positions only (`reading`): its input (1, N, …)
+    narrowed to the n tokens read."""
+    layout = getattr(_now, "layout", None)
+    if layout is None or layout.keep is None or id(part) not in layout.parts:
+        return None
+    return (args[0].index_select(1, layout.keep), *args[1:])
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
-
-def _read_only(block, part) -> _Handles:
-    """Hooks that run `part` of `block` on the positions read only, while `block` is the last of a forward that
-    reads some (`reading`): its input (1, N, …) narrowed to those n tokens, its output (1, n, …) put back in place
-    (zeros elsewhere)."""
-
-    def narrow(_, args):
-        layout = getattr(_now, "layout", None)
-        if layout is None or layout.keep is None or layout.last is not block:
-            return None
-        return (args[0].index_select(1, layout.keep), *args[1:])
-
-    def widen(_, args, output):
-        layout = getattr(_now, "layout", None)
-        if layout is None or layout.keep is None or layout.last is not block:
-            return None
-        out = output.new_zeros(output.shape[0], len(layout.index), *output.shape[2:])
-        return out.index_copy(1, layout.keep, output)
-
-    return _Handles(part.register_forward_pre_hook(narrow), part.register_forward_hook(widen))
+def _widen(part, args, output):
+    """… and its output (1, n, …) put back in place, zeros elsewhere."""
+    layout = getattr(_now, "layout", None)
+    if layout is None or layout.keep is None or id(part) not in layout.parts:
+        return None
+    out = output.new_zeros(output.shape[0], len(layout.index), *output.shape[2:])
+    return out.index_copy(1, layout.keep, output)
 
 
 def _all_full_attention(trunk, blocks) -> bool:
@@ -330,6 +324,7 @@ def _block_starts(block, args, kwargs):
     if block is layout.last and layout.reads is not None:
         keep = layout.places(layout.reads)
         layout.keep = keep if len(keep) < len(layout.index) else None  # nothing to leave out: run it whole
+        layout.parts = frozenset(id(p) for p in _partial_parts(block))
     kwargs["attention_mask"] = layout
     if kwargs.get("position_embeddings") is not None:
         kwargs["position_embeddings"] = tuple(layout.pack_once(x) for x in kwargs["position_embeddings"])

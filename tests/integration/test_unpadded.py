@@ -256,3 +256,20 @@ def test_shared_tokens_index_and_source():
     assert source.view(3, 4).tolist() == [[0, 1, 2, 3], [1, 4, 5, 0], [1, 6, 7, 8]]
     index, source = shared_tokens(real, torch.arange(12).view(3, 4))  # nothing alike: every real token
     assert index.tolist() == real.flatten().nonzero().squeeze(1).tolist()
+
+
+def test_a_block_the_hooks_are_on_is_freed_once_the_model_lets_it_go():
+    # PPO shares a frozen model's bottom blocks with the policy (freeze.share_frozen_layers): the blocks replaced
+    # must go at once, not wait for the cycle collector (held by their own hooks, they kept ~0.5 GB resident)
+    import gc
+    import weakref
+
+    model, _ = load_causal_lm("tiny")
+    assert model.model._rlhf_partial
+    replaced = weakref.ref(model.model.layers[0])
+    gc.disable()
+    try:
+        model.model.layers[0] = copy.deepcopy(model.model.layers[1])
+        assert replaced() is None
+    finally:
+        gc.enable()
