@@ -63,6 +63,7 @@ from rlhf.models.policy_value import (
 )
 from rlhf.models.reward import pad_batch, position_ids, score
 from rlhf.models.unpadded import shared_tokens, token_keys
+from rlhf.runtime.allocator import keep_freed_memory
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
@@ -421,6 +422,11 @@ def run(cfg: PPOConfig) -> Path:
         "parameters (policy and value model)"
     )
 
+    memory = contextlib.ExitStack()  # closed after the last step
+    if memory.enter_context(keep_freed_memory(cfg.keep_freed_memory)):
+        st.say("freed memory kept for the next tensors while PPO runs (jemalloc's decay off): fewer page faults")
+    elif cfg.keep_freed_memory:
+        st.say("keep_freed_memory asked for, but this process does not run under jemalloc: memory is freed as usual")
     logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
     bar = tqdm(
         total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
@@ -497,6 +503,7 @@ def run(cfg: PPOConfig) -> Path:
         st.checkpoint_if_due(done, opt.end, opt.total_steps)
     bar.close()
     logger.close()
+    memory.close()  # the decay times back, the kept pages released
     if opt.end < opt.total_steps:
         st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
         return st.stage_dir
