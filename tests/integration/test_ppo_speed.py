@@ -15,7 +15,7 @@ from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.policy_value import lm_response_logits
 from rlhf.models.reward import load_reward_model, position_ids, score
-from rlhf.stages.ppo import response_logprobs
+from rlhf.stages.ppo import Rollouts, response_logprobs, shared_token_count
 
 
 def perturbed_lora(model, task_type="CAUSAL_LM"):
@@ -613,3 +613,12 @@ def test_the_frozen_bottom_kept_from_decoding_scores_what_the_scoring_forward_co
         else:
             a, b = a[ro.response_mask], b[ro.response_mask]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_tokens_shared_counts_the_tokens_rows_compute_once():
+    # row 1 begins with row 0's 3 tokens at the same positions (row 0's left padding does not shift them), row 2 with
+    # their first 2; the same token at another position is not shared
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9], [5, 6, 7, 10, 11, 12], [5, 6, 9, 9, 9, 0], [0, 0, 0, 0, 6, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
+    ro = Rollouts(ids, mask, mask[:, 3:].bool(), torch.ones(4, dtype=torch.bool), 3, [""] * 4, ["p"] * 4, None)
+    assert shared_token_count(ro).item() == 3 + 2
