@@ -332,7 +332,7 @@ class PPOConfig(TrainConfig):
     keep_freed_memory: bool = False
     """while PPO runs, keep the memory of freed tensors for the next ones (jemalloc's decay off) instead of handing it
     back to the system, which faults it in and zero-fills it again page by page: on the demo settings ~195k fewer
-    page faults a step (~0.3 s of ~5.5 s on a 2-core CPU) for ~0.13 GB more peak memory; full fine-tuning holds
+    page faults a step (~0.3 s of ~5.5 s on a 2-core CPU) for ~0.11 GB more peak memory (2.20 → 2.31 GB); full fine-tuning holds
     more memory freed and reused at other sizes (its peak grew 5.8 → 6.1–6.9 GB). Needs the `rlhf` command's jemalloc
     (`make setup`); elsewhere nothing changes"""
     max_prompt_len: int = 256

@@ -25,7 +25,7 @@ from rlhf.models.freeze import (
 from rlhf.models.lean import lean_backward
 from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import wrap_lora
-from rlhf.models.reward import last_positions, load_reward_model, pad_batch, position_ids
+from rlhf.models.reward import last_positions, last_token, load_reward_model, pad_batch, position_ids
 from rlhf.models.unpadded import reading
 
 
@@ -113,7 +113,9 @@ def lm_response_logits(
     finally:
         if scale is not None:
             scale.remove()
-    return out.logits if scale is not None or temperature == 1.0 else out.logits / temperature
+    if scale is None and temperature != 1.0:  # capped logits: divided after the cap, as sampling does
+        return out.logits / temperature
+    return out.logits
 
 
 def response_positions(attention_mask: torch.Tensor, context: int) -> torch.Tensor:
@@ -258,5 +260,5 @@ def score_from_bottom(reward_model, bottom: torch.Tensor, attention_mask: torch.
     trunk = trunk_of(reward_model)
     with reading(last_positions(attention_mask)):
         hidden = forward_from(trunk, None, bottom, depth, **forward_kwargs(attention_mask)).last_hidden_state
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+    last = last_token(attention_mask)  # (B,)
     return reward_model.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float()

@@ -71,11 +71,15 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return out.logits[:, 0].float()
 
 
+def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,): the column of each row's last real token, where a reward model reads its score (any padding side)."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+
+
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: each row's last real token, where a reward model reads its score."""
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+    """(B, T) bool: True at each row's last real token (`last_token`)."""
     reads = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
-    reads[torch.arange(len(reads), device=reads.device), last] = True
+    reads[torch.arange(len(reads), device=reads.device), last_token(attention_mask)] = True
     return reads
 
 

@@ -13,7 +13,7 @@ freed pages (decay off) was measured and not kept: for the whole run it made a P
 freed in an update resident (float32 peak 5.8 -> 6.1-6.9 GB); only around sampling and scoring, the purge at the
 block's end cost the update what the block saved (two alternated rounds on both benchmark settings: no difference
 beyond the 10% noise between runs). So it is a choice (`keep_freed_memory`, PPO's `--keep-freed-memory`): PPO's
-demo settings, whose tensors are small beside the models, take it (~195k fewer page faults a step, ~0.13 GB more
+demo settings, whose tensors are small beside the models, take it (~195k fewer page faults a step, ~0.11 GB more
 peak memory); full fine-tuning does not.
 """
 
