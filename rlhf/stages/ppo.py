@@ -422,88 +422,92 @@ def run(cfg: PPOConfig) -> Path:
         "parameters (policy and value model)"
     )
 
-    memory = contextlib.ExitStack()  # closed after the last step
-    if memory.enter_context(keep_freed_memory(cfg.keep_freed_memory)):
-        st.say("freed memory kept for the next tensors while PPO runs (jemalloc's decay off): fewer page faults")
-    elif cfg.keep_freed_memory:
-        st.say("keep_freed_memory asked for, but this process does not run under jemalloc: memory is freed as usual")
-    logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
-    bar = tqdm(
-        total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
-    )
-    for step in range(opt.start, opt.end):
-        # 1. roll out on this process's share of the step's prompts
-        t0 = time.perf_counter()
-        indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(prompts), cfg.seed)
-        mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-        sampler = policy_module
-        if sampler_copy is not None:
-            refresh_inference_copy(sampler_copy, sampler)
-            sampler = sampler_copy
-        autocast = sampler_copy is None and decoding is None
-        ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast, decoding)
-        if sampler_copy is not None:
-            release_inference_copy(sampler_copy)  # its memory serves the update until the next rollout
-        t1 = time.perf_counter()
-
-        # 2. log-probs, reference log-probs, values, entropy; 3. scores
-        keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
-        fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep, rm_eos)
-        rm_depth = accelerator.unwrap_model(model).value_depth
-        rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model, fwd, rm_depth)
-        fwd.pop("bottom_rm", None)  # the updates replay the rows' own columns
-        scores = (
-            rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
+    # the decay times back and the kept pages released after the last step, or when a step raises
+    with contextlib.ExitStack() as memory:
+        if memory.enter_context(keep_freed_memory(cfg.keep_freed_memory)):
+            st.say("freed memory kept for the next tensors while PPO runs (jemalloc's decay off): fewer page faults")
+        elif cfg.keep_freed_memory:
+            st.say(
+                "keep_freed_memory asked for, but this process does not run under jemalloc: memory is freed as usual"
+            )
+        logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
+        bar = tqdm(
+            total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
         )
-        if cfg.reward_normalize:
-            state.moments.update(accelerator.gather(scores))
-            scores = (scores - state.moments.mean) / state.moments.std
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        t2 = time.perf_counter()
+        for step in range(opt.start, opt.end):
+            # 1. roll out on this process's share of the step's prompts
+            t0 = time.perf_counter()
+            indices = sample_indices(step * cfg.batch_size, cfg.batch_size, len(prompts), cfg.seed)
+            mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+            sampler = policy_module
+            if sampler_copy is not None:
+                refresh_inference_copy(sampler_copy, sampler)
+                sampler = sampler_copy
+            autocast = sampler_copy is None and decoding is None
+            ro = rollout(st, cfg, sampler, tokenizer, prompts, encoded, mine, step, autocast, decoding)
+            if sampler_copy is not None:
+                release_inference_copy(sampler_copy)  # its memory serves the update until the next rollout
+            t1 = time.perf_counter()
 
-        # 4.–5. per-token rewards with the KL penalty, advantages and returns
-        kl, rewards, advantages, returns = advantages_and_returns(cfg, state, fwd, scores, ro)
-        finite = all(bool(torch.isfinite(x[ro.response_mask]).all()) for x in (kl, rewards, fwd["values"]))
-        finite = bool(accelerator.gather(torch.tensor([float(finite)], device=device)).min() > 0)  # all agree
+            # 2. log-probs, reference log-probs, values, entropy; 3. scores
+            keep = first_update_reuses(cfg, accelerator, ro.logprobs is not None)
+            fwd = forward_rollouts(st, cfg, model, ref_policy, ro, ref_replays, keep, rm_eos)
+            rm_depth = accelerator.unwrap_model(model).value_depth
+            rm_scores = reward_scores(st, cfg, reward_model, rm_tokenizer, messages, ro, model, fwd, rm_depth)
+            fwd.pop("bottom_rm", None)  # the updates replay the rows' own columns
+            scores = (
+                rm_scores if cfg.eos_penalty is None else eos_penalized_scores(rm_scores, ro.finished, cfg.eos_penalty)
+            )
+            if cfg.reward_normalize:
+                state.moments.update(accelerator.gather(scores))
+                scores = (scores - state.moments.mean) / state.moments.std
+            if cfg.reward_clip is not None:
+                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+            t2 = time.perf_counter()
 
-        # 6. PPO epochs over minibatches
-        stats = []
-        if finite:
-            stats = ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mini_rank)
-        else:
-            note_non_finite(st, cfg, state, f"step {step + 1}: non-finite reward, KL or value; rollouts skipped")
-        t3 = time.perf_counter()
+            # 4.–5. per-token rewards with the KL penalty, advantages and returns
+            kl, rewards, advantages, returns = advantages_and_returns(cfg, state, fwd, scores, ro)
+            finite = all(bool(torch.isfinite(x[ro.response_mask]).all()) for x in (kl, rewards, fwd["values"]))
+            finite = bool(accelerator.gather(torch.tensor([float(finite)], device=device)).min() > 0)  # all agree
 
-        # 7. KL controller, logs, checkpoint
-        mask = ro.response_mask
-        kl_sum = accelerator.gather((kl * mask).sum(1)).mean()  # nats per response
-        if finite:
-            state.kl_ctl.update(float(kl_sum), cfg.batch_size)
-        metrics = step_metrics(accelerator, ro, fwd, rm_scores, kl_sum, returns, stats, state, messages, cfg)
-        metrics.update(
-            {
-                "score": float(accelerator.gather(scores.float()).mean()),  # after EOS penalty and normalisation
-                "lr": opt.scheduler.get_last_lr()[0],
-                "seconds_generate": t1 - t0,
-                "seconds_score": t2 - t1,
-                "seconds_train": t3 - t2,
-                "tokens_prompt": float(accelerator.gather(ro.attention_mask[:, : ro.context].sum(1)).sum()),
-                "tokens_response": float(accelerator.gather(ro.response_mask.sum(1)).sum()),
-                # real tokens the blocks compute once for several rows (a common start: rlhf/models/unpadded.py)
-                "tokens_shared": float(accelerator.gather(shared_token_count(ro)).sum()),
-                "seconds_step": time.perf_counter() - t0,
-            }
-        )
-        done = step + 1
-        if done % cfg.log_every == 0 or done == opt.end:
-            logger.log(done, metrics)
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}")
-        st.checkpoint_if_due(done, opt.end, opt.total_steps)
-    bar.close()
-    logger.close()
-    memory.close()  # the decay times back, the kept pages released
+            # 6. PPO epochs over minibatches
+            stats = []
+            if finite:
+                stats = ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mini_rank)
+            else:
+                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite reward, KL or value; rollouts skipped")
+            t3 = time.perf_counter()
+
+            # 7. KL controller, logs, checkpoint
+            mask = ro.response_mask
+            kl_sum = accelerator.gather((kl * mask).sum(1)).mean()  # nats per response
+            if finite:
+                state.kl_ctl.update(float(kl_sum), cfg.batch_size)
+            metrics = step_metrics(accelerator, ro, fwd, rm_scores, kl_sum, returns, stats, state, messages, cfg)
+            metrics.update(
+                {
+                    "score": float(accelerator.gather(scores.float()).mean()),  # after EOS penalty and normalisation
+                    "lr": opt.scheduler.get_last_lr()[0],
+                    "seconds_generate": t1 - t0,
+                    "seconds_score": t2 - t1,
+                    "seconds_train": t3 - t2,
+                    "tokens_prompt": float(accelerator.gather(ro.attention_mask[:, : ro.context].sum(1)).sum()),
+                    "tokens_response": float(accelerator.gather(ro.response_mask.sum(1)).sum()),
+                    # real tokens the blocks compute once for several rows (a common start: rlhf/models/unpadded.py)
+                    "tokens_shared": float(accelerator.gather(shared_token_count(ro)).sum()),
+                    "seconds_step": time.perf_counter() - t0,
+                }
+            )
+            done = step + 1
+            if done % cfg.log_every == 0 or done == opt.end:
+                logger.log(done, metrics)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}"
+            )
+            st.checkpoint_if_due(done, opt.end, opt.total_steps)
+        bar.close()
+        logger.close()
     if opt.end < opt.total_steps:
         st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
         return st.stage_dir
