@@ -6,8 +6,9 @@ The work: the embedded SmolLM2-135M-Instruct as policy, reference, reward and va
 models are its trunk with one seeded scalar head); the same 8 prompts every step; responses of at most 32 tokens
 (stopped at EOS), sampled at temperature 0.7; the reward is the reward model's score, with no penalty for a
 response that never emits EOS (TRL's `missing_eos_penalty=None`); 1 PPO epoch of 1 minibatch; TRL's defaults for
-the rest (lr 3e-6, β 0.05). Temperature and reward define the task (the reward gained is measured at that
-temperature, by that reward), so every runner gets them; the rest is how each trains.
+the rest (lr 3e-6, β 0.05, Adam's β2 0.999, no gradient clipping). Temperature and reward define the task (the
+reward gained is measured at that temperature, by that reward), so every runner gets them; the rest is how each
+trains.
 Three runners, alternated `--rounds` times, each a fresh process (so its peak resident memory is its own):
 - TRL: float32, full fine-tuning, in its own virtual environment (built here on first use, kept out of the
   project's dependencies);
@@ -158,6 +159,8 @@ def ours_config(spec: dict, variant: str, out: Path):
         trainable_layers=None,
         vf_coef=0.1,
         lam=0.95,
+        max_grad_norm=0.0,  # TRL's PPO trainer clips no gradient
+        adam_betas=(0.9, 0.999),  # transformers' TrainingArguments
     )
 
 

@@ -121,12 +121,14 @@ def optimise(st: Stage, model, n_train: int, updates_per_step: int = 1) -> Optim
     )
 
 
-def step_optimizer(st: Stage, opt: Optimisation, skip_non_finite: bool = False) -> float:
+def step_optimizer(st: Stage, opt: Optimisation, skip_non_finite: bool = False, earlier: list[float] = ()) -> float:
     """Clip, step, schedule, zero; returns the gradient norm before clipping.
 
-    With skip_non_finite, a non-finite gradient norm leaves the weights (and Adam's moments) untouched."""
+    With skip_non_finite, a non-finite gradient norm leaves the weights (and Adam's moments) untouched. `earlier`:
+    the norms of parts of this update's gradient already stepped (unclipped: PPO's `step_part`); the norm returned
+    is the whole gradient's, and a non-finite earlier part skips this step too."""
     max_norm = st.cfg.max_grad_norm if st.cfg.max_grad_norm > 0 else math.inf
-    grad_norm = st.accelerator.clip_grad_norm_(opt.params, max_norm)
+    grad_norm = math.hypot(float(st.accelerator.clip_grad_norm_(opt.params, max_norm)), *earlier)
     if not (skip_non_finite and not math.isfinite(float(grad_norm))):
         opt.optimizer.step()
     opt.scheduler.step()

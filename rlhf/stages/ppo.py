@@ -554,6 +554,11 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
             mb = order[m : m + mini_rank]
             sums = torch.zeros(8, dtype=torch.float64, device=device)
             micro = [mb[k : k + cfg.micro_batch_size] for k in range(0, len(mb), cfg.micro_batch_size)]
+            # without clipping each weight's step needs only its own gradient: with one micro-batch, the model
+            # back-propagated first steps before the other's forward, so the two models' gradients are never held
+            # at once (full fine-tuning: 0.5 GB less peak memory for the embedded model's pair)
+            first: list[float] = []
+            between = functools.partial(step_part, st, opt, first) if steps_apart(cfg, split, micro) else None
             for k, idx in enumerate(micro):
                 sync = k == len(micro) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -563,7 +568,9 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
                     # each micro-batch's loss is a mean over its tokens; average the micro-batches of the minibatch
                     parts = (advantages, returns, idx, len(micro))
                     kept = fwd.pop("kept", None)  # the scoring forward, for the very first micro-batch only
-                    losses, pg, vf = backward_losses(accelerator, model, cfg, ro, fwd, *parts, split, ptx_of, kept)
+                    losses, pg, vf = backward_losses(
+                        accelerator, model, cfg, ro, fwd, *parts, split, ptx_of, kept, between
+                    )
                     loss, pg_loss, vf_loss, ptx_loss = losses
                 sums += torch.tensor(
                     [
@@ -585,7 +592,7 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
                 opt.optimizer.zero_grad(set_to_none=True)
                 note_non_finite(st, cfg, state, f"step {step + 1}: non-finite loss")
                 continue
-            grad_norm = step_optimizer(st, opt, skip_non_finite=True)
+            grad_norm = step_optimizer(st, opt, skip_non_finite=True, earlier=first)
             if not math.isfinite(grad_norm):
                 note_non_finite(st, cfg, state, f"step {step + 1}: non-finite gradient")
                 continue
@@ -599,8 +606,36 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
     return stats
 
 
+def steps_apart(cfg: PPOConfig, split: bool, micro: list) -> bool:
+    """Whether the policy and the value model take their optimiser steps one after the other within an update: the
+    same step as one for both when no gradient is clipped and nothing accumulates over micro-batches."""
+    return split and len(micro) == 1 and cfg.max_grad_norm <= 0
+
+
+def step_part(st, opt, norms: list[float]) -> None:
+    """The optimiser's step for the weights that have a gradient so far (Adam skips the rest), unless that gradient
+    is not finite; its norm is appended to `norms` for `step_optimizer` to fold into the update's norm."""
+    norm = float(st.accelerator.clip_grad_norm_(opt.params, math.inf))
+    norms.append(norm)
+    if math.isfinite(norm):
+        opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+
+
 def backward_losses(
-    accelerator, model, cfg, ro, fwd, advantages, returns, idx, parts: int, split: bool, ptx=None, kept=None
+    accelerator,
+    model,
+    cfg,
+    ro,
+    fwd,
+    advantages,
+    returns,
+    idx,
+    parts: int,
+    split: bool,
+    ptx=None,
+    kept=None,
+    between=None,
 ):
     """Forward and backward of one micro-batch (rows `idx`) of pg_loss + vf_coef · vf_loss (− the entropy bonus,
     + ptx_coef · ptx(), the PPO-ptx loss), divided by `parts`. Returns (loss, pg_loss, vf_loss, ptx_loss), detached,
@@ -611,8 +646,10 @@ def backward_losses(
     model's first when its forward is `kept` from scoring). The gradients are the same, since the two share no
     trainable weight. Under DDP the wrapped module's one forward and one backward keep its gradient
     synchronisation. `kept`: outputs of the scoring forward with their graph, for all rows (`forward_rollouts`),
-    used instead of running that forward again."""
+    used instead of running that forward again. `between` (split only): called after the first model's backward,
+    before the second model's forward (`step_part`)."""
     pv = accelerator.unwrap_model(model)
+    between = between or (lambda: None)
     kept = kept or {}
     bottoms = tuple(fwd[k][idx] if k in fwd else None for k in ("bottom_policy", "bottom_value"))
     ids, attention, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
@@ -646,11 +683,13 @@ def backward_losses(
     if split and "values" in kept:
         vf_loss, vf = value_part()
         accelerator.backward(cfg.vf_coef * vf_loss / parts)
+        between()
         total, pg_loss, pg, ptx_loss = policy_part()
         accelerator.backward(total / parts)
     elif split:
         total, pg_loss, pg, ptx_loss = policy_part()
         accelerator.backward(total / parts)
+        between()
         vf_loss, vf = value_part()
         accelerator.backward(cfg.vf_coef * vf_loss / parts)
     else:

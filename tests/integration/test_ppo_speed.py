@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import read_metrics
 
 from rlhf.models.generation import (
     inference_copy,
@@ -622,3 +623,49 @@ def test_tokens_shared_counts_the_tokens_rows_compute_once():
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
     ro = Rollouts(ids, mask, mask[:, 3:].bool(), torch.ones(4, dtype=torch.bool), 3, [""] * 4, ["p"] * 4, None)
     assert shared_token_count(ro).item() == 3 + 2
+
+
+def test_without_clipping_the_two_models_step_apart_and_train_what_one_step_would(tmp_path, monkeypatch):
+    """Full fine-tuning without gradient clipping (TRL's PPO) steps the model back-propagated first before the
+    other's forward, so its gradients are freed before the other's exist: the same weights as one step for both."""
+    from rlhf.config import PPOConfig
+    from rlhf.stages import ppo
+
+    freed = []
+    original = ppo.step_part
+
+    def watched(st, opt, norms):
+        original(st, opt, norms)
+        freed.append(all(p.grad is None for p in opt.params))
+
+    monkeypatch.setattr(ppo, "step_part", watched)
+
+    def train(out, apart: bool):
+        if not apart:
+            monkeypatch.setattr(ppo, "steps_apart", lambda *a: False)
+        cfg = PPOConfig(
+            policy="tiny",
+            reward="tiny",
+            prompts="examples/prompts.jsonl",
+            out=str(out),
+            epochs=0.06,  # 3 steps of 4 of the 200 prompts
+            batch_size=4,
+            mini_batch_size=4,
+            micro_batch_size=4,
+            ppo_epochs=2,
+            max_new_tokens=8,
+            mixed_precision="no",
+            max_grad_norm=0.0,
+            progress=False,
+        )
+        final = ppo.run(cfg)
+        return load_causal_lm(str(final))[0].state_dict(), read_metrics(out, "grad_norm")
+
+    apart, apart_norms = train(tmp_path / "apart", True)
+    assert freed == [True] * 6  # 3 steps × 2 epochs, each freeing the first model's gradients
+    together, together_norms = train(tmp_path / "together", False)
+    assert len(freed) == 6
+    for k in together:
+        torch.testing.assert_close(apart[k], together[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert apart_norms == pytest.approx(together_norms, rel=1e-5)  # the whole gradient's norm, as before
+    assert any(not torch.equal(together[k], v) for k, v in load_causal_lm("tiny")[0].state_dict().items())
