@@ -9,12 +9,15 @@ from rlhf.models.lean import lean_backward
 from rlhf.models.load import load_causal_lm
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for the backward of fn() (parameters not counted)."""
+def saved_bytes(fn, weights=()) -> int:
+    """Bytes of the tensors autograd keeps for the backward of fn(); tensors shaped as one of `weights` (the
+    parameters, or their copies cast by autocast, which the plain and the lean modules both keep) not counted."""
     seen = {}
+    shapes = {tuple(w.shape) for w in weights}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if tuple(t.shape) not in shapes:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -32,9 +35,8 @@ def test_lean_backward_gives_the_same_outputs_and_gradients_and_keeps_less(autoc
     results = []
     for model in (plain, lean):
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            logits, seen = saved_bytes(lambda m=model: m(input_ids=ids).logits)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = sum(n for ptr, n in seen.items() if ptr not in params)
+            logits, seen = saved_bytes(lambda m=model: m(input_ids=ids).logits, list(model.parameters()))
+        kept = sum(seen.values())
         logits.float().square().mean().backward()
         results.append((logits, {n: p.grad for n, p in model.named_parameters()}, kept))
     (logits_a, grads_a, kept_a), (logits_b, grads_b, kept_b) = results
@@ -88,3 +90,32 @@ def test_grouped_kv_heads_handed_to_sdpa_as_they_are_give_the_same_logits_and_gr
     monkeypatch.delenv(GQA_FLAG)
     assert native_gqa_attention(torch.device("cpu")) == (torch.__version__ >= "2.5")
     assert not native_gqa_attention(torch.device("meta"))
+
+
+def test_the_lean_mlp_casts_its_weights_once_a_pass_under_autocast():
+    """Its backward multiplies by the copies the forward cast (saved), not by new casts of the float32 weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf.models.lean import GatedMLP
+
+    class Casts(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                self.count += tuple(out.shape) in self.shapes and out.dtype == torch.bfloat16
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen, requires_grad=True) for s in ((24, 16), (24, 16), (16, 24))]
+    x = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = GatedMLP.apply(x, *weights)
+    casts = Casts({tuple(w.shape) for w in weights})
+    with casts:
+        y.float().square().sum().backward()
+    assert casts.count == 0
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in weights)
