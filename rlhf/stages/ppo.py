@@ -430,10 +430,11 @@ def run(cfg: PPOConfig) -> Path:
             st.say(
                 "keep_freed_memory asked for, but this process does not run under jemalloc: memory is freed as usual"
             )
-        logger = MetricsLogger(cfg.out, st.name, enabled=st.main)
+        logger = memory.enter_context(contextlib.closing(MetricsLogger(cfg.out, st.name, enabled=st.main)))
         bar = tqdm(
             total=opt.total_steps, initial=opt.start, disable=not (st.main and cfg.progress), desc=st.name, unit="step"
         )
+        memory.callback(bar.close)
         for step in range(opt.start, opt.end):
             # 1. roll out on this process's share of the step's prompts
             t0 = time.perf_counter()
@@ -506,8 +507,6 @@ def run(cfg: PPOConfig) -> Path:
                 reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}", eos=f"{metrics['eos_rate']:.0%}"
             )
             st.checkpoint_if_due(done, opt.end, opt.total_steps)
-        bar.close()
-        logger.close()
     if opt.end < opt.total_steps:
         st.say(f"stopped at step {opt.end} of {opt.total_steps} (stop_after_steps); continue with --resume")
         return st.stage_dir
@@ -590,11 +589,11 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
             mean = (sums[:7] / sums[7]).tolist()
             if not all(math.isfinite(v) for v in mean):
                 opt.optimizer.zero_grad(set_to_none=True)
-                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite loss")
+                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite loss{kept_step(first)}")
                 continue
             grad_norm = step_optimizer(st, opt, skip_non_finite=True, earlier=first)
             if not math.isfinite(grad_norm):
-                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite gradient")
+                note_non_finite(st, cfg, state, f"step {step + 1}: non-finite gradient{kept_step(first)}")
                 continue
             state.non_finite_in_a_row = 0
             keys = ("loss", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "ptx_loss")
@@ -610,6 +609,14 @@ def steps_apart(cfg: PPOConfig, split: bool, micro: list) -> bool:
     """Whether the policy and the value model take their optimiser steps one after the other within an update: the
     same step as one for both when no gradient is clipped and nothing accumulates over micro-batches."""
     return split and len(micro) == 1 and cfg.max_grad_norm <= 0
+
+
+def kept_step(norms: list[float]) -> str:
+    """What a skipped update's message adds when the model stepped first (`step_part`) had a finite gradient: its
+    step was taken before the other model's loss or gradient turned out non-finite, and stays."""
+    return " (the model back-propagated first had already stepped; only the other's step is skipped)" * (
+        bool(norms) and math.isfinite(norms[0])
+    )
 
 
 def step_part(st, opt, norms: list[float]) -> None:

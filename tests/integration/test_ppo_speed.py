@@ -669,3 +669,17 @@ def test_without_clipping_the_two_models_step_apart_and_train_what_one_step_woul
         torch.testing.assert_close(apart[k], together[k], rtol=1e-5, atol=1e-6, msg=k)
     assert apart_norms == pytest.approx(together_norms, rel=1e-5)  # the whole gradient's norm, as before
     assert any(not torch.equal(together[k], v) for k, v in load_causal_lm("tiny")[0].state_dict().items())
+
+
+def test_the_models_step_apart_only_where_that_is_one_step():
+    from rlhf.config import PPOConfig
+    from rlhf.stages.ppo import kept_step, steps_apart
+
+    unclipped = PPOConfig(policy="tiny", reward="tiny", prompts="p.jsonl", out="o", max_grad_norm=0.0)
+    clipped = PPOConfig(policy="tiny", reward="tiny", prompts="p.jsonl", out="o", max_grad_norm=1.0)
+    assert steps_apart(unclipped, True, [[0, 1, 2, 3]])
+    assert not steps_apart(clipped, True, [[0, 1, 2, 3]])  # the clipping factor needs the whole gradient
+    assert not steps_apart(unclipped, True, [[0, 1], [2, 3]])  # gradients accumulate over micro-batches
+    assert not steps_apart(unclipped, False, [[0, 1, 2, 3]])  # several processes: one forward, one backward
+    # a skipped update says when the model stepped first had already stepped
+    assert "already stepped" in kept_step([0.5]) and kept_step([]) == kept_step([float("nan")]) == ""
