@@ -44,13 +44,19 @@ def split_heldout(demos: list[Demonstration], fraction: float, seed: int) -> tup
 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of −log p over response tokens, number of response tokens) for one micro-batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    """(sum of −log p over response tokens, number of response tokens) for one micro-batch.
+
+    The LM head runs only from the first position at which some row predicts a response token (`logits_to_keep`):
+    the prompts' columns before it predict nothing that is trained."""
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    trained = labels != IGNORE_INDEX
+    first = int(trained.any(0).int().argmax()) if bool(trained.any()) else labels.shape[1] - 1
+    keep = torch.arange(first, labels.shape[1], device=labels.device)  # positions first … T-2
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    nll = F.cross_entropy(  # logits (B, T-1-first, V)
+        logits.flatten(0, 1).float(), labels[:, first:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return nll, int((labels != IGNORE_INDEX).sum())
+    return nll, int(trained.sum())
 
 
 @torch.no_grad()

@@ -256,3 +256,33 @@ def test_chat_and_generate_answer_once(tmp_path, small_demos, command):
         )
         assert proc.stdout.count("=== [d") == 2 and proc.stdout.count("--- tiny:") == 4
     assert proc.stdout.strip()
+
+
+def test_response_nll_runs_the_head_from_the_first_trained_column_with_the_full_forwards_loss():
+    import torch.nn.functional as F
+
+    from rlhf.data.chat import TokenizedDemo
+    from rlhf.data.collate import IGNORE_INDEX, collate_sft
+    from rlhf.models.load import load_causal_lm
+    from rlhf.stages.sft import response_nll
+
+    model, _ = load_causal_lm("tiny")
+    gen = torch.Generator().manual_seed(0)
+    demos = [  # prompts of 9, 5 and 12 tokens: the head starts at column 4, which predicts row 2's first answer token
+        TokenizedDemo(torch.randint(5, 200, (n,), generator=gen).tolist(), p, False)
+        for n, p in ((20, 9), (8, 5), (15, 12))
+    ]
+    batch = collate_sft(demos, 0)
+    rows = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    nll, count = response_nll(model, batch)
+    hook.remove()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(nll, full, rtol=1e-6, atol=1e-5)
+    assert count == (20 - 9) + (8 - 5) + (15 - 12)
+    assert rows == [20 - 1 - 4]  # positions 4 … 18 of the 20 columns
+    nll.backward()  # gradients flow as before
+    assert model.get_input_embeddings().weight.grad is not None
