@@ -7,6 +7,7 @@ then its loop calling `st.checkpoint(...)`, then `save_final`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def optimise(st: Stage, model, n_train: int, updates_per_step: int = 1) -> Optim
     )
 
 
-def step_optimizer(st: Stage, opt: Optimisation, skip_non_finite: bool = False, earlier: list[float] = ()) -> float:
+def step_optimizer(
+    st: Stage, opt: Optimisation, skip_non_finite: bool = False, earlier: Sequence[float] = ()
+) -> float:
     """Clip, step, schedule, zero; returns the gradient norm before clipping.
 
     With skip_non_finite, a non-finite gradient norm leaves the weights (and Adam's moments) untouched. `earlier`:

@@ -614,9 +614,9 @@ def steps_apart(cfg: PPOConfig, split: bool, micro: list) -> bool:
 def kept_step(norms: list[float]) -> str:
     """What a skipped update's message adds when the model stepped first (`step_part`) had a finite gradient: its
     step was taken before the other model's loss or gradient turned out non-finite, and stays."""
-    return " (the model back-propagated first had already stepped; only the other's step is skipped)" * (
-        bool(norms) and math.isfinite(norms[0])
-    )
+    if norms and math.isfinite(norms[0]):
+        return " (the model back-propagated first had already stepped; only the other's step is skipped)"
+    return ""
 
 
 def step_part(st, opt, norms: list[float]) -> None:

@@ -432,13 +432,21 @@ def test_policy_and_value_losses_backpropagated_apart_give_the_joint_gradients(e
     assert any(n.startswith("value_model.") for n in joint) and any(n.startswith("policy.") for n in joint)
 
 
+def one_microbatch_run(out, **overrides):
+    """PPO on the tiny model: 3 steps of 4 of the 200 example prompts, 2 epochs of one update of one micro-batch."""
+    from rlhf.config import PPOConfig
+
+    settings = dict(epochs=0.06, batch_size=4, mini_batch_size=4, micro_batch_size=4, ppo_epochs=2, max_new_tokens=8)
+    settings.update(mixed_precision="no", progress=False, **overrides)
+    return PPOConfig(policy="tiny", reward="tiny", prompts="examples/prompts.jsonl", out=str(out), **settings)
+
+
 @pytest.mark.parametrize("rollout_logprobs", ["forward", "sampling"])
 def test_first_update_reusing_the_scoring_forward_trains_what_a_second_forward_would(
     tmp_path, monkeypatch, rollout_logprobs
 ):
     """With one micro-batch per update on one process, the first update back-propagates the scoring forward of
     the policy (log-probs recomputed) or of the value model (log-probs from sampling) instead of running it again."""
-    from rlhf.config import PPOConfig
     from rlhf.models import policy_value
     from rlhf.stages import ppo
 
@@ -455,21 +463,7 @@ def test_first_update_reusing_the_scoring_forward_trains_what_a_second_forward_w
     def train(out, reuse: bool):
         if not reuse:
             monkeypatch.setattr(ppo, "first_update_reuses", lambda *a: None)
-        cfg = PPOConfig(
-            policy="tiny",
-            reward="tiny",
-            prompts="examples/prompts.jsonl",
-            out=str(out),
-            epochs=0.06,  # 3 steps of 4 of the 200 prompts
-            batch_size=4,
-            mini_batch_size=4,
-            micro_batch_size=4,
-            ppo_epochs=2,
-            max_new_tokens=8,
-            rollout_logprobs=rollout_logprobs,
-            mixed_precision="no",
-            progress=False,
-        )
+        cfg = one_microbatch_run(out, rollout_logprobs=rollout_logprobs)
         for k in calls:
             calls[k] = 0
         final = ppo.run(cfg)
@@ -628,7 +622,6 @@ def test_tokens_shared_counts_the_tokens_rows_compute_once():
 def test_without_clipping_the_two_models_step_apart_and_train_what_one_step_would(tmp_path, monkeypatch):
     """Full fine-tuning without gradient clipping (TRL's PPO) steps the model back-propagated first before the
     other's forward, so its gradients are freed before the other's exist: the same weights as one step for both."""
-    from rlhf.config import PPOConfig
     from rlhf.stages import ppo
 
     freed = []
@@ -643,21 +636,7 @@ def test_without_clipping_the_two_models_step_apart_and_train_what_one_step_woul
     def train(out, apart: bool):
         if not apart:
             monkeypatch.setattr(ppo, "steps_apart", lambda *a: False)
-        cfg = PPOConfig(
-            policy="tiny",
-            reward="tiny",
-            prompts="examples/prompts.jsonl",
-            out=str(out),
-            epochs=0.06,  # 3 steps of 4 of the 200 prompts
-            batch_size=4,
-            mini_batch_size=4,
-            micro_batch_size=4,
-            ppo_epochs=2,
-            max_new_tokens=8,
-            mixed_precision="no",
-            max_grad_norm=0.0,
-            progress=False,
-        )
+        cfg = one_microbatch_run(out, max_grad_norm=0.0)
         final = ppo.run(cfg)
         return load_causal_lm(str(final))[0].state_dict(), read_metrics(out, "grad_norm")
 
