@@ -66,16 +66,21 @@ def small_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     g = h // hkv
     scaling = d**-0.5 if scaling is None else scaling
     q = query.reshape(b, hkv, g * tq, d)  # query heads h = j·g … j·g + g − 1 read key/value head j
-    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hkv, g, tq, tk).float() * scaling  # (B, Hkv, g, Tq, Tk)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hkv, g, tq, tk)  # (B, Hkv, g, Tq, Tk), in dtype
     lowest = torch.finfo(torch.float32).min
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :, None], lowest)
-        else:  # an additive mask
-            scores = scores + attention_mask[:, :, None].float()
+    bias = None  # float32, added to the scaled scores: 0 where a query attends, the lowest float where it does not
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        bias = torch.zeros(attention_mask.shape, device=query.device).masked_fill_(~attention_mask, lowest)
+    elif attention_mask is not None:  # an additive mask
+        bias = attention_mask.float()
     elif causal:  # tq == tk: the plain causal mask
         future = torch.ones(tq, tk, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(future, lowest)
+        bias = torch.zeros(1, 1, tq, tk, device=query.device).masked_fill_(future, lowest)
+    # bias + scaling · scores in one pass, in float32 (type promotion); its backward is one multiply. Casting,
+    # scaling and masking apart took four passes over the scores forward and two more backward: ~20% of the
+    # attention's time for 8 rows of 90 tokens. A masked score stays the lowest float (scaling · score is far
+    # below its precision)
+    scores = scores.float() * scaling if bias is None else torch.add(bias[:, :, None], scores, alpha=scaling)
     probs = torch.softmax(scores, dim=-1).view(b, hkv, g * tq, tk)  # float32
     with torch.autocast(query.device.type, enabled=False):  # autocast would multiply in bf16
         out = torch.matmul(probs, value.float()).to(value.dtype).view(b, h, tq, d)  # (B, H, Tq, D)

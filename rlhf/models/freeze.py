@@ -101,19 +101,50 @@ def cast_frozen_heads_once(models, dtype: torch.dtype) -> int:
         if type(head) is not torch.nn.Linear or head.weight.requires_grad:
             continue
         if id(head.weight) not in copies:
-            copies[id(head.weight)] = head.weight.detach().to(dtype)
+            copies[id(head.weight)] = FrozenHead(head.weight.detach().to(dtype))
         head.forward = functools.partial(_head_forward, head, copies[id(head.weight)])  # shadows the class's
         done += 1
     return done
 
 
-def _head_forward(head: torch.nn.Linear, low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+class FrozenHead:
+    """A frozen head's weight W in the autocast dtype, and Wᵀ laid out contiguously, made at the first backward
+    (`FrozenHeadProduct`)."""
+
+    def __init__(self, low: torch.Tensor):
+        self.low, self.low_t = low, None
+
+    def transposed(self) -> torch.Tensor:
+        if self.low_t is None:
+            self.low_t = self.low.t().contiguous()
+        return self.low_t
+
+
+class FrozenHeadProduct(torch.autograd.Function):
+    """x · Wᵀ for a frozen head W, whose backward multiplies the logits' gradient by a contiguous copy of Wᵀ (its
+    transpose viewed back as W): oneDNN multiplies 256 × 49152 bf16 gradients by that layout at 807 GFLOP/s, by W
+    itself at 660 (17.9 against 22 ms on a 2-core Zen 5, twice a PPO update's training; the copy is 57 MB)."""
+
+    @staticmethod
+    def forward(ctx, x, head: FrozenHead):
+        ctx.head = head
+        return torch.nn.functional.linear(x, head.low)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.matmul(ctx.head.transposed().t()), None
+
+
+def _head_forward(head: torch.nn.Linear, low: FrozenHead, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != low.dtype:
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != low.low.dtype:
         return torch.nn.Linear.forward(head, x)
     with torch.autocast(device, enabled=False):
-        bias = None if head.bias is None else head.bias.to(low.dtype)
-        return torch.nn.functional.linear(x.to(low.dtype), low, bias)
+        x = x.to(low.low.dtype)
+        if head.bias is None and x.requires_grad:
+            return FrozenHeadProduct.apply(x, low)
+        bias = None if head.bias is None else head.bias.to(low.low.dtype)
+        return torch.nn.functional.linear(x, low.low, bias)
 
 
 def frozen_depth(model) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf.runtime.working_weights import weight_of
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """What autocast would multiply in on x's device (None outside autocast)."""
@@ -72,7 +74,8 @@ class GatedMLP(torch.autograd.Function):
 def gated_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():  # nothing to keep: the module's own forward (its projections may be packed)
         return type(mlp).forward(mlp, x)
-    return GatedMLP.apply(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    # under bf16 autocast, weights with bf16 working copies (rlhf/runtime/working_weights.py) multiply by them
+    return GatedMLP.apply(x, weight_of(mlp.gate_proj), weight_of(mlp.up_proj), weight_of(mlp.down_proj))
 
 
 class RMSNorm(torch.autograd.Function):

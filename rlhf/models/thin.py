@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from rlhf.runtime import kernels
 
 SOURCE = Path(__file__).with_name("thin_linear.c")
 PANEL = 24  # output columns per panel, as in thin_linear.c
@@ -48,9 +48,8 @@ def load() -> ctypes.CDLL | None:
     try:
         lib = bind(build())
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None)
-        return declined(f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})")
-    if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
+        return declined(f"it could not be built or loaded ({kernels.build_error(e)})")
+    if kernels.openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
         return declined("it would bring a second OpenMP runtime into the process")
     return lib if probe(lib) else declined("its products differ from F.linear's on a probe")
 
@@ -109,32 +108,8 @@ def applies() -> bool:
 
 
 def build() -> Path:
-    """The kernel compiled into the cache (once per source text and compiler); atomic, so concurrent runs agree."""
-    from rlhf.models.embedded import cache_root
-
-    compiler = os.environ.get("CC", "cc")
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, "-lm"]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"thin_linear-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        command = [compiler, *flags, "-o", str(built), str(SOURCE), "-lm"]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-        os.replace(built, target)
-    return target
-
-
-def openmp_runtimes() -> int:
-    """How many GNU OpenMP libraries this process has mapped (the kernel's must be torch's, already loaded)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return 0
-    return len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line})
+    """The kernel compiled into the cache (`kernels.build`)."""
+    return kernels.build(SOURCE, ["-O3", "-mavx2", "-mfma"])
 
 
 def probe(lib) -> bool:

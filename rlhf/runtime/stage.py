@@ -18,6 +18,7 @@ from rlhf.runtime.distributed import make_accelerator, native_gqa_attention, res
 from rlhf.runtime.run_folder import record_config
 from rlhf.runtime.schedule import make_scheduler
 from rlhf.runtime.seed import seed_everything
+from rlhf.runtime.working_weights import WorkingWeights
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Optimisation:
     end: int  # last step this invocation runs (stop_after_steps)
     per_rank: int  # examples per step on each process
     accumulation: int  # micro-batches per step on each process
+    working: WorkingWeights | None = None  # bf16 working copies of trained weights, stepped by a fused kernel
 
 
 def optimise(st: Stage, model, n_train: int, updates_per_step: int = 1) -> Optimisation:
@@ -131,9 +133,35 @@ def step_optimizer(
     the norms of parts of this update's gradient already stepped (unclipped: PPO's `step_part`); the norm returned
     is the whole gradient's, and a non-finite earlier part skips this step too."""
     max_norm = st.cfg.max_grad_norm if st.cfg.max_grad_norm > 0 else math.inf
-    grad_norm = math.hypot(float(st.accelerator.clip_grad_norm_(opt.params, max_norm)), *earlier)
-    if not (skip_non_finite and not math.isfinite(float(grad_norm))):
-        opt.optimizer.step()
+    grad_norm = clip_and_step(st, opt, max_norm, skip_non_finite, earlier)
     opt.scheduler.step()
+    return grad_norm
+
+
+def clip_and_step(
+    st: Stage, opt: Optimisation, max_norm: float, skip_non_finite: bool, earlier: Sequence[float] = ()
+) -> float:
+    """Clip the gradients that exist to `max_norm`, take the optimiser's step for their weights (unless
+    skip_non_finite and the norm, with the `earlier` parts', is not finite), zero them; returns hypot(norm,
+    *earlier). Weights with bf16 working copies (`opt.working`) are stepped by its fused kernel, clipped by the same
+    factor as the rest: what clip_grad_norm_ and AdamW compute over all gradients at once."""
+    pending = opt.working.pending() if opt.working is not None else []
+    if not pending:
+        norm = math.hypot(float(st.accelerator.clip_grad_norm_(opt.params, max_norm)), *earlier)
+        if not (skip_non_finite and not math.isfinite(norm)):
+            opt.optimizer.step()
+    else:
+        rest = [p for p in opt.params if p.grad is not None]  # norms, heads: float32 gradients
+        rest_norm = float(torch.nn.utils.clip_grad_norm_(rest, math.inf)) if rest else 0.0
+        total = math.sqrt(opt.working.square_sum(pending) + rest_norm**2)
+        norm = math.hypot(total, *earlier)
+        if not (skip_non_finite and not math.isfinite(norm)):
+            scale = min(max_norm / (total + 1e-6), 1.0)  # clip_grad_norm_'s factor
+            if scale < 1.0:
+                for p in rest:
+                    p.grad.mul_(scale)
+            opt.optimizer.step()  # the rest: the masters of the working copies hold no gradient, so AdamW skips them
+            opt.working.step(pending, scale)
+        opt.working.zero_grad()
     opt.optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return norm

@@ -43,7 +43,7 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.jsonl import DataError
 from rlhf.data.records import Demonstration, read_demonstrations, read_prompts
 from rlhf.models import thin
-from rlhf.models.freeze import frozen_depth
+from rlhf.models.freeze import decoder_layers, frozen_depth
 from rlhf.models.generation import (
     inference_copy,
     refresh_inference_copy,
@@ -67,7 +67,8 @@ from rlhf.runtime.allocator import keep_freed_memory
 from rlhf.runtime.checkpoint import save_final
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.order import sample_indices
-from rlhf.runtime.stage import begin, optimise, step_optimizer
+from rlhf.runtime.stage import begin, clip_and_step, optimise, step_optimizer
+from rlhf.runtime.working_weights import WorkingWeights
 from rlhf.stages.reward import response_sequences
 from rlhf.stages.sft import response_nll
 
@@ -373,6 +374,16 @@ def run(cfg: PPOConfig) -> Path:
     minibatches = cfg.batch_size // cfg.mini_batch_size
     opt = optimise(st, model, len(prompts), updates_per_step=cfg.ppo_epochs * minibatches)
     model = opt.model
+    if working_copies_apply(cfg, accelerator):
+        pv = accelerator.unwrap_model(model)
+        opt.working = WorkingWeights.install(
+            [*decoder_layers(pv.policy), *decoder_layers(pv.value_model)], opt.optimizer
+        )
+        if opt.working is not None:
+            st.say(
+                f"{len(opt.working.copies)} trained weights multiply by bf16 working copies; AdamW steps their "
+                "float32 masters in one fused pass"
+            )
     model.eval()  # no dropout anywhere: log-probs of rollouts and updates must come from the same function (N+)
     device = accelerator.device
     for m in (reward_model, ref_policy):
@@ -605,6 +616,14 @@ def ppo_updates(st, cfg, opt, state, ro, fwd, advantages, returns, ptx, step, mi
     return stats
 
 
+def working_copies_apply(cfg: PPOConfig, accelerator) -> bool:
+    """Whether the trained weights can multiply by bf16 working copies (`rlhf.runtime.working_weights`): bf16 on one
+    CPU process, plain weights (no LoRA), and one micro-batch per update (gradients would accumulate in bf16)."""
+    one_micro_batch = cfg.mini_batch_size == cfg.micro_batch_size * accelerator.num_processes
+    single_cpu = accelerator.num_processes == 1 and accelerator.device.type == "cpu"
+    return cfg.mixed_precision == "bf16" and single_cpu and not cfg.lora and one_micro_batch
+
+
 def steps_apart(cfg: PPOConfig, split: bool, micro: list) -> bool:
     """Whether the policy and the value model take their optimiser steps one after the other within an update: the
     same step as one for both when no gradient is clipped and nothing accumulates over micro-batches."""
@@ -622,11 +641,7 @@ def kept_step(norms: list[float]) -> str:
 def step_part(st, opt, norms: list[float]) -> None:
     """The optimiser's step for the weights that have a gradient so far (Adam skips the rest), unless that gradient
     is not finite; its norm is appended to `norms` for `step_optimizer` to fold into the update's norm."""
-    norm = float(st.accelerator.clip_grad_norm_(opt.params, math.inf))
-    norms.append(norm)
-    if math.isfinite(norm):
-        opt.optimizer.step()
-    opt.optimizer.zero_grad(set_to_none=True)
+    norms.append(clip_and_step(st, opt, math.inf, skip_non_finite=True))
 
 
 def backward_losses(

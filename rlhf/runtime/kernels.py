@@ -1,0 +1,47 @@
+"""C kernels compiled on first use with the system's C compiler (`$CC`, else `cc`) into the user cache directory,
+once per source text, compiler and flags, and loaded with ctypes. They run on torch's own OpenMP threads, so a
+kernel is used only where the process has one OpenMP runtime (`openmp_runtimes`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def build(source: Path, flags: list[str]) -> Path:
+    """`source` compiled into a shared library in the cache (atomic, so concurrent runs agree); its path. Raises
+    OSError or subprocess.SubprocessError where that fails (no compiler, a compile error)."""
+    from rlhf.models.embedded import cache_root
+
+    compiler = os.environ.get("CC", "cc")
+    flags = [*flags, "-fopenmp", "-shared", "-fPIC"]
+    text = source.read_bytes()
+    key = hashlib.sha256(text + " ".join([compiler, *flags, "-lm"]).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [compiler, *flags, "-o", str(built), str(source), "-lm"]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        os.replace(built, target)
+    return target
+
+
+def build_error(e: Exception) -> str:
+    """What went wrong building or loading a kernel, with the compiler's last words."""
+    detail = getattr(e, "stderr", None)
+    return f"{e}{': ' + detail.decode()[-300:] if detail else ''}"
+
+
+def openmp_runtimes() -> int:
+    """How many GNU OpenMP libraries this process has mapped (a kernel's must be torch's, already loaded)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return 0
+    return len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line})
