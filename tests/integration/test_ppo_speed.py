@@ -509,6 +509,13 @@ def test_a_frozen_head_multiplies_by_one_cast_copy_under_autocast_with_the_same_
             torch.testing.assert_close(policy(input_ids=ids).logits, autocast, rtol=0, atol=0)
         torch.testing.assert_close(policy(input_ids=ids).logits, plain, rtol=0, atol=0)
     assert CastsOfTheHead.count == 0
+    # the input's gradient, by the contiguous copy of the head's transpose: what autograd's product gives
+    x = torch.randn(2, 3, head.shape[1])
+    ours, theirs = x.clone().requires_grad_(), x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        policy.get_output_embeddings()(ours).float().pow(2).sum().backward()
+    torch.nn.functional.linear(theirs, head.detach().bfloat16()).float().pow(2).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad.float(), rtol=0.01, atol=1e-3)
     fresh, _ = load_causal_lm("tiny")  # a trainable head is left to autocast, which keeps its cast within a forward
     assert cast_frozen_heads_once([fresh], torch.bfloat16) == 0
 
