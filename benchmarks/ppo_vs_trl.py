@@ -25,7 +25,9 @@ answer the 8 prompts 32 times each (same seeds) and the reward model scores them
 error over the paired answers.
 It also measures this CPU's sustained matrix-multiply rate (float32 and bfloat16) and reports each of our phases'
 achieved FLOP/s (the matrix-multiply FLOPs each phase executes on the real tokens: padding not counted, a frozen
-bottom computed once a step counted once) as a share of the ceiling of the precision used.
+bottom computed once a step counted once, a last block that computes only the positions read counted so, the
+attention's products over each row's causal pairs of real tokens included) as a share of the ceiling of the
+precision used.
 Run it alone on the machine: it is a timing benchmark.
 """
 
@@ -177,7 +179,7 @@ def ours_worker(spec_path: str, variant: str, out: str) -> None:
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "ppo"]
     keys = ("seconds_step", "seconds_generate", "seconds_score", "seconds_train", "tokens_prompt", "tokens_response")
-    result = {k: [r[k] for r in rows] for k in (*keys, "tokens_shared")}
+    result = {k: [r[k] for r in rows] for k in (*keys, "tokens_shared", "attention_pairs")}
     result.update(
         {
             "step_seconds": result.pop("seconds_step"),
@@ -215,19 +217,31 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> f
 
 
 def model_flops(config) -> dict:
-    """Forward FLOPs per token of the transformer blocks (per layer) and of the LM head (2 · params each)."""
+    """Forward FLOPs per token of a transformer block (`layer`) and of its key and value projections (`kv`), of the
+    LM head (2 · params each), and of the attention's two products per causal query–key pair (`pair`: 2 · head size
+    for the score and 2 · head size for the value, for every query head)."""
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     per_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * f)
-    return {"layer": per_layer, "layers": layers, "head": 2 * d * config.vocab_size}
+    return {
+        "layer": per_layer,
+        "kv": 2 * 2 * d * kv,
+        "layers": layers,
+        "head": 2 * d * config.vocab_size,
+        "pair": 4 * d,
+    }
 
 
-def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dict, shared: float = 0.0) -> dict:
+def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dict, shared=0.0, pairs=0.0, rows=8):
     """Matrix-multiply FLOPs one step of ours executes, phase by phase, counting real tokens only (padding is not
     useful work) and each shared or replayed computation once, as it runs: the policy's frozen bottom (depth
     30 − trainable layers) once a step, the value model's deeper bottom continued from it, the reference above the
     policy's bottom, the value and reward model above the value model's; the blocks compute the `shared` tokens
-    (the rows' common start, a system prompt) once for all rows that have them.
+    (the rows' common start, a system prompt) once for all rows that have them. The last block of a forward that
+    reads only some positions (`unpadded.reading`) computes keys and values at every token and the rest at those
+    positions only: the response positions (policy, reference, value model) or one a row (reward model). Every
+    block's attention multiplies over `pairs`, the rows' causal pairs of real tokens; the attention of a reading
+    forward's last block, whose queries are the positions read, is not counted (an undercount).
 
     generate: the policy over prompt + response tokens, the LM head once per response token;
     score: the bottoms (the policy's not, when decoding computed it: `bottom_from_decoding`); the policy above its
@@ -239,23 +253,29 @@ def phase_flops(fl: dict, prompt_tokens: float, response_tokens: float, run: dic
       its backward (1× for the input's gradient, 2× when the head trains)."""
     tokens, responses = prompt_tokens + response_tokens - shared, response_tokens
     layer, head, depth = fl["layer"], fl["head"], fl["layers"]
+    block = tokens * layer + pairs * fl["pair"]  # a block computed whole
+
+    def trunk(blocks: int, reads: float) -> float:  # `blocks` blocks whose last computes whole only `reads` positions
+        return blocks * block - (tokens - reads) * (layer - fl["kv"]) - pairs * fl["pair"] if blocks else 0.0
+
     policy_trained = run["trainable_layers"] or depth
     value_trained = run["value_trainable_layers"] or policy_trained
     policy_bottom, value_bottom = depth - policy_trained, depth - value_trained
     recompute = not run["logprobs_from_sampling"]
-    blocks = policy_bottom + max(value_bottom - policy_bottom, 0)  # each frozen bottom once
+    bottoms = policy_bottom + max(value_bottom - policy_bottom, 0)  # each frozen bottom once
     if run.get("bottom_from_decoding"):
-        blocks -= policy_bottom  # computed while generating (counted there)
-    blocks += (recompute + 1) * (depth - policy_bottom) + 2 * (depth - value_bottom)  # [policy,] reference; value, RM
-    score = tokens * layer * blocks + (recompute + 1) * responses * head
+        bottoms -= policy_bottom  # computed while generating (counted there)
+    score = bottoms * block + (recompute + 1) * trunk(depth - policy_bottom, responses)  # [policy,] reference
+    score += trunk(depth - value_bottom, responses) + trunk(depth - value_bottom, rows)  # value model, reward model
+    score += (recompute + 1) * responses * head
     head_backward = 2 if run["trainable_layers"] is None else 1  # a tied head trains with the embeddings
+    policy, value = trunk(policy_trained, responses), trunk(value_trained, responses)
     train = 0.0
     for epoch in range(run["ppo_epochs"]):
         reused_policy, reused_value = epoch == 0 and recompute, epoch == 0 and not recompute
-        train += tokens * layer * ((not reused_policy) * policy_trained + (not reused_value) * value_trained)
-        train += tokens * layer * 2 * (policy_trained + value_trained)
+        train += (not reused_policy) * policy + (not reused_value) * value + 2 * (policy + value)
         train += responses * head * ((not reused_policy) + head_backward)
-    generate = tokens * layer * depth + responses * head
+    generate = depth * block + responses * head
     return {"generate": generate, "score": score, "train": train}
 
 
@@ -351,8 +371,9 @@ def print_tables(spec, summaries, results, gains, ceilings) -> None:
             secs, rates = [], []
             for r in rs:
                 for i in range(1, len(r["step_seconds"])):
-                    shared = (r.get("tokens_shared") or [0.0] * len(r["step_seconds"]))[i]
-                    flops = phase_flops(fl, r["tokens_prompt"][i], r["tokens_response"][i], r, shared)[phase]
+                    shared, pairs = r["tokens_shared"][i], r["attention_pairs"][i]
+                    tokens = r["tokens_prompt"][i], r["tokens_response"][i]
+                    flops = phase_flops(fl, *tokens, r, shared, pairs, spec["batch_size"])[phase]
                     secs.append(r[f"seconds_{phase}"][i])
                     rates.append(flops / r[f"seconds_{phase}"][i] / 1e9)
             med, rate = statistics.median(secs), statistics.median(rates)

@@ -507,6 +507,7 @@ def run(cfg: PPOConfig) -> Path:
                     "tokens_response": float(accelerator.gather(ro.response_mask.sum(1)).sum()),
                     # real tokens the blocks compute once for several rows (a common start: rlhf/models/unpadded.py)
                     "tokens_shared": float(accelerator.gather(shared_token_count(ro)).sum()),
+                    "attention_pairs": float(accelerator.gather(attention_pairs(ro)).sum()),
                     "seconds_step": time.perf_counter() - t0,
                 }
             )
@@ -536,6 +537,13 @@ def shared_token_count(ro: Rollouts) -> torch.Tensor:
     real = ro.attention_mask.bool()
     index, _ = shared_tokens(real, token_keys(ro.input_ids, position_ids(ro.attention_mask)))
     return (real.sum() - len(index)).reshape(1).to(ro.attention_mask.device)
+
+
+def attention_pairs(ro: Rollouts) -> torch.Tensor:
+    """(1,) the query–key pairs causal attention relates within the rollouts' rows, n(n + 1) / 2 for a row of n real
+    tokens: what the attention's products multiply per layer (benchmarks/ppo_vs_trl.py counts their FLOPs)."""
+    n = ro.attention_mask.sum(1).double()
+    return (n * (n + 1) / 2).sum().reshape(1)
 
 
 def note_non_finite(st, cfg: PPOConfig, state: PPOState, what: str) -> None:

@@ -16,7 +16,7 @@ from rlhf.models.load import load_causal_lm
 from rlhf.models.lora import plain_model, wrap_lora
 from rlhf.models.policy_value import lm_response_logits
 from rlhf.models.reward import load_reward_model, position_ids, score
-from rlhf.stages.ppo import Rollouts, response_logprobs, shared_token_count
+from rlhf.stages.ppo import Rollouts, attention_pairs, response_logprobs, shared_token_count
 
 
 def perturbed_lora(model, task_type="CAUSAL_LM"):
@@ -617,13 +617,15 @@ def test_the_frozen_bottom_kept_from_decoding_scores_what_the_scoring_forward_co
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=key)
 
 
-def test_tokens_shared_counts_the_tokens_rows_compute_once():
+def test_tokens_shared_and_attention_pairs_count_what_the_rows_compute():
     # row 1 begins with row 0's 3 tokens at the same positions (row 0's left padding does not shift them), row 2 with
     # their first 2; the same token at another position is not shared
     ids = torch.tensor([[0, 5, 6, 7, 8, 9], [5, 6, 7, 10, 11, 12], [5, 6, 9, 9, 9, 0], [0, 0, 0, 0, 6, 7]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
     ro = Rollouts(ids, mask, mask[:, 3:].bool(), torch.ones(4, dtype=torch.bool), 3, [""] * 4, ["p"] * 4, None)
     assert shared_token_count(ro).item() == 3 + 2
+    # rows of 5, 6, 5 and 2 real tokens relate n(n + 1) / 2 causal pairs each
+    assert attention_pairs(ro).item() == 15 + 21 + 15 + 3
 
 
 def test_without_clipping_the_two_models_step_apart_and_train_what_one_step_would(tmp_path, monkeypatch):
