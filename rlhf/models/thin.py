@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from rlhf.runtime import kernels
 
 SOURCE = Path(__file__).with_name("thin_linear.c")
 PANEL = 24  # output columns per panel, as in thin_linear.c
+FLAGS = ["-O3", "-mavx2", "-mfma"]
 
 
 @functools.cache
@@ -45,13 +45,7 @@ def library() -> ctypes.CDLL | None:
 def load() -> ctypes.CDLL | None:
     """The kernel built, loaded and checked on a probe; None, with a warning that says why, where any of that fails
     (no compiler, a second OpenMP runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
-    try:
-        lib = bind(build())
-    except (OSError, subprocess.SubprocessError) as e:
-        return declined(f"it could not be built or loaded ({kernels.build_error(e)})")
-    if kernels.openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
-        return declined("it would bring a second OpenMP runtime into the process")
-    return lib if probe(lib) else declined("its products differ from F.linear's on a probe")
+    return kernels.load(SOURCE, FLAGS, bind, probe, declined, "its products differ from F.linear's on a probe")
 
 
 def declined(why: str) -> None:
@@ -109,7 +103,7 @@ def applies() -> bool:
 
 def build() -> Path:
     """The kernel compiled into the cache (`kernels.build`)."""
-    return kernels.build(SOURCE, ["-O3", "-mavx2", "-mfma"])
+    return kernels.build(SOURCE, FLAGS)
 
 
 def probe(lib) -> bool:

@@ -32,10 +32,18 @@ def build(source: Path, flags: list[str]) -> Path:
     return target
 
 
-def build_error(e: Exception) -> str:
-    """What went wrong building or loading a kernel, with the compiler's last words."""
-    detail = getattr(e, "stderr", None)
-    return f"{e}{': ' + detail.decode()[-300:] if detail else ''}"
+def load(source: Path, flags: list[str], bind, probe, declined, wrong: str):
+    """`source` built (`build`), loaded (`bind(path)`: the ctypes library with its signatures declared) and checked
+    (`probe(lib)`); where any of that fails, or a second OpenMP runtime would come into the process, `declined(why)`
+    (a warning; returns None), with `wrong` as the why of a failed probe."""
+    try:
+        lib = bind(build(source, flags))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None)
+        return declined(f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})")
+    if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
+        return declined("it would bring a second OpenMP runtime into the process")
+    return lib if probe(lib) else declined(wrong)
 
 
 def openmp_runtimes() -> int:

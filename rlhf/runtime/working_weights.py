@@ -2,8 +2,9 @@
 
 Under bf16 autocast a float32 weight is cast to bf16 in every forward, its product's gradient comes out in bf16 and
 is cast to float32 for the weight's `.grad`, and the optimiser's step then reads that float32 gradient three times
-(the clipping's norm and multiply, AdamW). Five passes over memory per weight and update besides AdamW's own, with
-no arithmetic to hide them behind: a fifth of the demo settings' training time in benchmarks/ppo_vs_trl.py.
+(the clipping's norm and multiply, AdamW). Four passes over memory per weight and update besides AdamW's own, with
+no arithmetic to hide them behind: with AdamW, ~90 of the ~580 ms the demo settings' two updates took on a 2-core
+Zen 5 (benchmarks/ppo_vs_trl.py), against ~45 ms here.
 
 Here each linear weight of a trained block keeps a bf16 copy, a leaf that requires grad, which its products multiply
 by under bf16 autocast (`weight_of`): nothing is cast in the forward, and the gradient stays in the copy's bf16
@@ -23,7 +24,6 @@ import ctypes
 import functools
 import math
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -45,13 +45,7 @@ def library() -> ctypes.CDLL | None:
         return None
     if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    try:
-        lib = bind(kernels.build(SOURCE, FLAGS))
-    except (OSError, subprocess.SubprocessError) as e:
-        return declined(f"it could not be built or loaded ({kernels.build_error(e)})")
-    if kernels.openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
-        return declined("it would bring a second OpenMP runtime into the process")
-    return lib if probe(lib) else declined("its step differs from torch's AdamW on a probe")
+    return kernels.load(SOURCE, FLAGS, bind, probe, declined, "its step differs from torch's AdamW on a probe")
 
 
 def declined(why: str) -> None:
