@@ -14,9 +14,17 @@ projections and other architectures are left alone.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from rlhf.runtime import kernels
 from rlhf.runtime.working_weights import weight_of
 
 
@@ -93,6 +101,9 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
+        lib = norm_kernel()
+        if lib is not None and x.dtype == dy.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
+            return rms_norm_backward_by_kernel(lib, x, rstd, weight, dy)
         xf = x.to(torch.float32)
         h = (xf * rstd).to(x.dtype)  # the normalised input, as the forward had it
         d_weight = None
@@ -106,6 +117,60 @@ class RMSNorm(torch.autograd.Function):
             d_var = -0.5 * d_rstd * rstd.pow(3)
             dx = (dh * rstd + (d_var / x.shape[-1]) * (2 * xf)).to(x.dtype)
         return dx, d_weight, None
+
+
+def rms_norm_backward_by_kernel(lib, x, rstd, weight, dy) -> tuple:
+    """RMSNorm's backward for float32 rows in one pass of `rms_norm.c` (the formulas of `RMSNorm.backward`):
+    ~30 µs against ~0.5–1.5 ms of torch ops for 437 rows of 576 on a 2-core CPU, 52 times a PPO step of the demo
+    settings."""
+    x, rstd, weight, dy = (t.contiguous() for t in (x, rstd, weight, dy.expand_as(x)))
+    dx, d_weight = torch.empty_like(x), torch.zeros_like(weight)
+    n = weight.numel()
+    pointers = (t.data_ptr() for t in (x, rstd, weight, dy, dx, d_weight))
+    if lib.rms_norm_backward(*pointers, x.numel() // n, n):
+        raise MemoryError("rms_norm_backward: no scratch memory for the weight's gradient")
+    return dx, d_weight, None
+
+
+NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
+
+
+@functools.cache
+def norm_kernel() -> ctypes.CDLL | None:
+    """`rms_norm.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that says why)
+    or where it does not apply (x86-64 Linux with AVX2); `RLHF_NORM_KERNEL=0` turns it off."""
+    if os.environ.get("RLHF_NORM_KERNEL", "1") == "0" or sys.platform != "linux":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    why = "its gradients differ from autograd's on a probe"
+    return kernels.load(NORM_SOURCE, ["-O3", "-mavx2", "-mfma"], _bind_norm, _probe_norm, _declined_norm, why)
+
+
+def _bind_norm(path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.rms_norm_backward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
+    lib.rms_norm_backward.restype = ctypes.c_int
+    return lib
+
+
+def _probe_norm(lib) -> bool:
+    """Whether the kernel's gradients match autograd's through the plain norm, on rows of 37 (vector tails)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 37, generator=gen, requires_grad=True)
+    weight = (torch.randn(37, generator=gen) * 0.1 + 1).requires_grad_()
+    dy = torch.randn(3, 5, 37, generator=gen)
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-6)
+    with torch.enable_grad():  # first asked for inside a backward pass, where autograd records nothing
+        (weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))).backward(dy)
+    dx, d_weight, _ = rms_norm_backward_by_kernel(lib, x.detach(), rstd, weight.detach(), dy)
+    close = functools.partial(torch.allclose, rtol=1e-4, atol=1e-5)
+    return close(dx, x.grad) and close(d_weight, weight.grad)
+
+
+def _declined_norm(why: str) -> None:
+    message = f"RMSNorm's backward runs as torch ops (slower): rlhf's kernel is not used, as {why}"
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def rms_norm_forward(norm, x: torch.Tensor) -> torch.Tensor:

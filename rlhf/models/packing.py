@@ -30,6 +30,7 @@ def packed_linears(model, rows: int):
     if not linears or torch.is_autocast_enabled("cpu") or not packing_works(linears[0].weight.dtype):
         yield
         return
+    before = {id(m): m.__dict__.get("forward") for m in linears}  # a forward of its own (bf16 working copies)
     try:
         for m in linears:
             packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
@@ -38,7 +39,10 @@ def packed_linears(model, rows: int):
         yield
     finally:
         for m in linears:
-            m.__dict__.pop("forward", None)
+            if before[id(m)] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = before[id(m)]
 
 
 PACKABLE = (torch.float32, torch.bfloat16)

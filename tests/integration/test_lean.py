@@ -119,3 +119,46 @@ def test_the_lean_mlp_casts_its_weights_once_a_pass_under_autocast():
         y.float().square().sum().backward()
     assert casts.count == 0
     assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in weights)
+
+
+def test_rmsnorms_backward_by_the_kernel_is_autograds_and_float32_norms_take_it(monkeypatch):
+    from rlhf.models import lean
+
+    lib = lean.norm_kernel()
+    if lib is None:
+        pytest.skip("the RMSNorm kernel cannot be built here")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 37, generator=gen, requires_grad=True)  # 37: vector tails
+    weight = (torch.randn(37, generator=gen) * 0.1 + 1).requires_grad_()
+    dy = torch.randn(2, 7, 37, generator=gen)
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-5)
+    (weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))).backward(dy)
+    dx, d_weight, _ = lean.rms_norm_backward_by_kernel(lib, x.detach(), rstd, weight.detach(), dy)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_weight, weight.grad, rtol=1e-5, atol=1e-5)
+    # a model's float32 norms take it (under bf16 autocast too: the residual stream stays float32)
+    calls = []
+    original = lean.rms_norm_backward_by_kernel
+    monkeypatch.setattr(lean, "rms_norm_backward_by_kernel", lambda *a: calls.append(1) or original(*a))
+    model, _ = load_causal_lm("tiny")
+    assert lean_backward(model) == 2 + 2 * 2 + 1
+    with torch.autocast("cpu", torch.bfloat16):
+        model(input_ids=torch.randint(5, 200, (2, 9))).logits.float().square().mean().backward()
+    assert len(calls) == 2 * 2 + 1
+
+
+def test_a_loaded_model_keeps_its_lean_norms_through_train_and_eval(tmp_path):
+    """transformers with the `kernels` package would swap hub kernels in at every train() and eval(), taking away
+    the norms' lean forward (and reaching for a download); models are loaded without them."""
+    from rlhf.models.lean import rms_norm_forward
+    from rlhf.models.reward import load_reward_model
+
+    model, tokenizer = load_causal_lm("tiny")
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    for loaded, _ in (load_causal_lm(str(tmp_path / "lm")), load_reward_model(str(tmp_path / "lm"))):
+        assert lean_backward(loaded) > 0
+        loaded.train()
+        loaded.eval()
+        norms = [m for m in loaded.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert norms and all(m.forward.__func__ is rms_norm_forward for m in norms)
