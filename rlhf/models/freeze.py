@@ -111,13 +111,13 @@ class FrozenHead:
     """A frozen head's weight W in the autocast dtype, and Wᵀ laid out contiguously, made at the first backward
     (`FrozenHeadProduct`)."""
 
-    def __init__(self, low: torch.Tensor):
-        self.low, self.low_t = low, None
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self._transposed = weight, None
 
     def transposed(self) -> torch.Tensor:
-        if self.low_t is None:
-            self.low_t = self.low.t().contiguous()
-        return self.low_t
+        if self._transposed is None:
+            self._transposed = self.weight.t().contiguous()
+        return self._transposed
 
 
 class FrozenHeadProduct(torch.autograd.Function):
@@ -128,23 +128,23 @@ class FrozenHeadProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, head: FrozenHead):
         ctx.head = head
-        return torch.nn.functional.linear(x, head.low)
+        return torch.nn.functional.linear(x, head.weight)
 
     @staticmethod
     def backward(ctx, grad):
         return grad.matmul(ctx.head.transposed().t()), None
 
 
-def _head_forward(head: torch.nn.Linear, low: FrozenHead, x: torch.Tensor) -> torch.Tensor:
-    device = x.device.type
-    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != low.low.dtype:
+def _head_forward(head: torch.nn.Linear, frozen: FrozenHead, x: torch.Tensor) -> torch.Tensor:
+    device, dtype = x.device.type, frozen.weight.dtype
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != dtype:
         return torch.nn.Linear.forward(head, x)
     with torch.autocast(device, enabled=False):
-        x = x.to(low.low.dtype)
+        x = x.to(dtype)
         if head.bias is None and x.requires_grad:
-            return FrozenHeadProduct.apply(x, low)
-        bias = None if head.bias is None else head.bias.to(low.low.dtype)
-        return torch.nn.functional.linear(x, low.low, bias)
+            return FrozenHeadProduct.apply(x, frozen)
+        bias = None if head.bias is None else head.bias.to(dtype)
+        return torch.nn.functional.linear(x, frozen.weight, bias)
 
 
 def frozen_depth(model) -> int:

@@ -18,7 +18,6 @@ import ctypes
 import functools
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -143,8 +142,8 @@ def norm_kernel() -> ctypes.CDLL | None:
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    why = "its gradients differ from autograd's on a probe"
-    return kernels.load(NORM_SOURCE, ["-O3", "-mavx2", "-mfma"], _bind_norm, _probe_norm, _declined_norm, why)
+    instead, wrong = "RMSNorm's backward runs as torch ops (slower)", "its gradients differ from autograd's on a probe"
+    return kernels.load(NORM_SOURCE, ["-O3", "-mavx2", "-mfma"], _bind_norm, _probe_norm, instead, wrong)
 
 
 def _bind_norm(path) -> ctypes.CDLL:
@@ -166,11 +165,6 @@ def _probe_norm(lib) -> bool:
     dx, d_weight, _ = rms_norm_backward_by_kernel(lib, x.detach(), rstd, weight.detach(), dy)
     close = functools.partial(torch.allclose, rtol=1e-4, atol=1e-5)
     return close(dx, x.grad) and close(d_weight, weight.grad)
-
-
-def _declined_norm(why: str) -> None:
-    message = f"RMSNorm's backward runs as torch ops (slower): rlhf's kernel is not used, as {why}"
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def rms_norm_forward(norm, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +190,11 @@ def _is_rms_norm(m) -> bool:
 def lean_backward(model) -> int:
     """Give every gated MLP and RMSNorm of `model` that trains the lean backward; returns how many modules changed.
     A kind of module is changed only if, on a probe input, the lean forward is bit-identical to the module's own
-    (so a model whose norm adds 1 to the weight, say, keeps its own forward)."""
+    (so a model whose norm adds 1 to the weight, say, keeps its own forward).
+
+    Caveat: a model loaded by transformers 5 with the `kernels` package installed is kernelized again at every
+    train() and eval(), which removes the norms' forward (RMSNorm has a hub-kernel mapping; the MLP does not), so
+    such a model's norms run transformers' own forward and backward after that (README, lever table)."""
     changed = 0
     for kind, lean in ((_is_gated_mlp, gated_mlp_forward), (_is_rms_norm, rms_norm_forward)):
         modules = [m for m in model.modules() if kind(m) and any(p.requires_grad for p in m.parameters())]

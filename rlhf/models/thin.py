@@ -21,7 +21,6 @@ import ctypes
 import functools
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,15 +44,8 @@ def library() -> ctypes.CDLL | None:
 def load() -> ctypes.CDLL | None:
     """The kernel built, loaded and checked on a probe; None, with a warning that says why, where any of that fails
     (no compiler, a second OpenMP runtime, a wrong result). Needs AVX2 and FMA (any x86-64 CPU since 2013)."""
-    return kernels.load(SOURCE, FLAGS, bind, probe, declined, "its products differ from F.linear's on a probe")
-
-
-def declined(why: str) -> None:
-    warnings.warn(
-        f"float32 decoding keeps oneDNN's products (slower on this CPU): rlhf's AVX2 kernel is not used, as {why}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    instead = "float32 decoding keeps oneDNN's products (slower on this CPU)"
+    return kernels.load(SOURCE, FLAGS, bind, probe, instead, "its products differ from F.linear's on a probe")
 
 
 def bind(path: Path) -> ctypes.CDLL:

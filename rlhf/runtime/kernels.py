@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -32,18 +33,24 @@ def build(source: Path, flags: list[str]) -> Path:
     return target
 
 
-def load(source: Path, flags: list[str], bind, probe, declined, wrong: str):
+def load(source: Path, flags: list[str], bind, probe, instead: str, wrong: str):
     """`source` built (`build`), loaded (`bind(path)`: the ctypes library with its signatures declared) and checked
-    (`probe(lib)`); where any of that fails, or a second OpenMP runtime would come into the process, `declined(why)`
-    (a warning; returns None), with `wrong` as the why of a failed probe."""
+    (`probe(lib)`: True where it computes what it should). Where any of that fails, or a second OpenMP runtime would
+    come into the process, None, with a warning that says what runs `instead` and why (`wrong`: a failed probe)."""
     try:
         lib = bind(build(source, flags))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None)
-        return declined(f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})")
-    if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
-        return declined("it would bring a second OpenMP runtime into the process")
-    return lib if probe(lib) else declined(wrong)
+        why = f"it could not be built or loaded ({e}{': ' + detail.decode()[-300:] if detail else ''})"
+    else:
+        if openmp_runtimes() > 1:  # a second OpenMP runtime beside torch's would fight its threads for the cores
+            why = "it would bring a second OpenMP runtime into the process"
+        elif probe(lib):
+            return lib
+        else:
+            why = wrong
+    warnings.warn(f"{instead}: rlhf's kernel {source.name} is not used, as {why}", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def openmp_runtimes() -> int:

@@ -25,7 +25,6 @@ import functools
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,15 +44,8 @@ def library() -> ctypes.CDLL | None:
         return None
     if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    return kernels.load(SOURCE, FLAGS, bind, probe, declined, "its step differs from torch's AdamW on a probe")
-
-
-def declined(why: str) -> None:
-    warnings.warn(
-        f"bf16 training casts its weights as autocast does (slower): rlhf's fused AdamW kernel is not used, as {why}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    instead = "bf16 training casts its weights as autocast does (slower)"
+    return kernels.load(SOURCE, FLAGS, bind, probe, instead, "its step differs from torch's AdamW on a probe")
 
 
 def bind(path: Path) -> ctypes.CDLL:
