@@ -192,9 +192,9 @@ def lean_backward(model) -> int:
     A kind of module is changed only if, on a probe input, the lean forward is bit-identical to the module's own
     (so a model whose norm adds 1 to the weight, say, keeps its own forward).
 
-    Caveat: a model loaded by transformers 5 with the `kernels` package installed is kernelized again at every
-    train() and eval(), which removes the norms' forward (RMSNorm has a hub-kernel mapping; the MLP does not), so
-    such a model's norms run transformers' own forward and backward after that (README, lever table)."""
+    Caveat: a model that transformers 5 kernelizes (`use_kernels`, its default where the `kernels` package is
+    installed) is kernelized again at every train() and eval(), which removes the norms' forward (RMSNorm has a
+    hub-kernel mapping; the MLP does not); `rlhf` loads its models without kernels (rlhf/models/load.py)."""
     changed = 0
     for kind, lean in ((_is_gated_mlp, gated_mlp_forward), (_is_rms_norm, rms_norm_forward)):
         modules = [m for m in model.modules() if kind(m) and any(p.requires_grad for p in m.parameters())]

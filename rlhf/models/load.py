@@ -50,6 +50,10 @@ def load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
     return _fix_tokenizer(tokenizer, path)
 
 
+# use_kernels=False: where the `kernels` package is installed (transformers 5 brings it), transformers would swap
+# layers for kernels from the Hugging Face hub (a download at run time) and, at every train() and eval(), take away
+# the forward that `lean_backward` gives each RMSNorm: PPO's trained norms ran transformers' own, with its larger
+# backward, until this was seen.
 def load_causal_lm(
     name: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -64,7 +68,7 @@ def load_causal_lm(
         use_small_attention(model)
         return model, tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found(path, e)) from e
     if model.generation_config.pad_token_id is None:

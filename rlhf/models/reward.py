@@ -48,7 +48,10 @@ def load_reward_model(name: str | None, dtype: torch.dtype = torch.float32):
         model.model.load_state_dict(lm.model.state_dict())
     else:
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            # no hub kernels (a download; and they take the lean norms' forward away): rlhf/models/load.py
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, use_kernels=False
+            )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"could not load {path!r} as a reward model: {e}") from e
     if grew:

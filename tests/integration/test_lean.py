@@ -145,3 +145,20 @@ def test_rmsnorms_backward_by_the_kernel_is_autograds_and_float32_norms_take_it(
     with torch.autocast("cpu", torch.bfloat16):
         model(input_ids=torch.randint(5, 200, (2, 9))).logits.float().square().mean().backward()
     assert len(calls) == 2 * 2 + 1
+
+
+def test_a_loaded_model_keeps_its_lean_norms_through_train_and_eval(tmp_path):
+    """transformers with the `kernels` package would swap hub kernels in at every train() and eval(), taking away
+    the norms' lean forward (and reaching for a download); models are loaded without them."""
+    from rlhf.models.lean import rms_norm_forward
+    from rlhf.models.reward import load_reward_model
+
+    model, tokenizer = load_causal_lm("tiny")
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    for loaded, _ in (load_causal_lm(str(tmp_path / "lm")), load_reward_model(str(tmp_path / "lm"))):
+        assert lean_backward(loaded) > 0
+        loaded.train()
+        loaded.eval()
+        norms = [m for m in loaded.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert norms and all(m.forward.__func__ is rms_norm_forward for m in norms)
