@@ -30,7 +30,6 @@ from rlhf.algos.ppo import (
     explained_variance,
     gae,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -51,6 +50,7 @@ from rlhf.models.generation import (
     sample_responses,
 )
 from rlhf.models.llama_decoder import ConstantProducts, LlamaDecoder
+from rlhf.models.logprobs import label_logprobs
 from rlhf.models.lora import plain_model
 from rlhf.models.policy_value import (
     PolicyAndValue,
@@ -134,7 +134,7 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 def response_logprobs(resp_logits: torch.Tensor, input_ids: torch.Tensor, context: int) -> torch.Tensor:
     """Log-probabilities of the response tokens under resp_logits (already divided by the temperature:
     `lm_response_logits`), (B, T)."""
-    return logprobs_from_logits(resp_logits, input_ids[:, context:])
+    return label_logprobs(resp_logits, input_ids[:, context:])
 
 
 def rollout(
