@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlhf.models import attention
+from rlhf.models import attention, attention_kernel
 from rlhf.models.attention import ATTENTION, small_attention
 from rlhf.models.load import load_causal_lm
 from rlhf.models.reward import load_reward_model
@@ -19,7 +19,7 @@ class Module:  # what an attention function reads of its transformers module
     num_key_value_groups = 2
 
 
-def inputs(b=3, h=4, hkv=2, tq=7, tk=7, d=8, dtype=torch.bfloat16, seed=0):
+def inputs(b=3, h=4, hkv=2, tq=7, tk=7, d=16, dtype=torch.bfloat16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, n, t, d, generator=gen).to(dtype) for n, t in ((h, tq), (hkv, tk), (hkv, tk)))
     return q, k, v
@@ -44,6 +44,23 @@ def reference(q, k, v, mask):
     return out.transpose(1, 2)  # (B, Tq, H, D)
 
 
+@pytest.fixture(params=["kernel", "plain products"])
+def path(request, monkeypatch):
+    """Each test twice: through the C kernel (where this CPU has AVX512-BF16; it must then run) and through the plain
+    torch products."""
+    if request.param == "plain products":
+        monkeypatch.setattr(attention_kernel, "applies", lambda *args: False)
+        yield []
+        return
+    if attention_kernel.kernel() is None:
+        pytest.skip("the attention kernel needs a CPU with AVX512-BF16 and a C compiler")
+    calls = []
+    run = attention_kernel.attention
+    monkeypatch.setattr(attention_kernel, "attention", lambda *args: calls.append(1) or run(*args))
+    yield calls
+    assert calls, "the kernel did not run"
+
+
 @pytest.fixture
 def no_sdpa(monkeypatch):
     """Fail if small_attention hands the call to SDPA: the plain products must have run."""
@@ -54,11 +71,11 @@ def no_sdpa(monkeypatch):
     monkeypatch.setattr(attention, "sdpa_attention_forward", refuse)
 
 
-def test_plain_products_compute_grouped_attention_with_the_padding_mask_and_its_gradients(no_sdpa):
+def test_plain_products_compute_grouped_attention_with_the_padding_mask_and_its_gradients(no_sdpa, path):
     q, k, v = (x.requires_grad_() for x in inputs())
     mask = left_padded_causal([0, 2, 5], 7)
     out, _ = small_attention(Module(), q, k, v, mask)
-    assert out.dtype == torch.bfloat16 and out.shape == (3, 7, 4, 8)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 7, 4, 16)
     real = mask[:, 0].any(-1)  # (B, Tq): query positions with something to attend to
     want = reference(q.detach(), k.detach(), v.detach(), mask)
     torch.testing.assert_close(out.double()[real], want[real], rtol=0.02, atol=0.02)
@@ -72,7 +89,7 @@ def test_plain_products_compute_grouped_attention_with_the_padding_mask_and_its_
         torch.testing.assert_close(got.double(), exact, rtol=0.03, atol=0.03)
 
 
-def test_no_mask_means_causal_for_a_full_square_and_everything_for_one_query(no_sdpa):
+def test_no_mask_means_causal_for_a_full_square_and_everything_for_one_query(no_sdpa, path):
     q, k, v = inputs(tq=5, tk=5)
     out, _ = small_attention(Module(), q, k, v, None)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(3, 1, 5, 5)
@@ -82,7 +99,7 @@ def test_no_mask_means_causal_for_a_full_square_and_everything_for_one_query(no_
     torch.testing.assert_close(out.double(), reference(q, k, v, None), rtol=0.02, atol=0.02)
 
 
-def test_a_position_with_nothing_to_attend_to_stays_finite(no_sdpa):
+def test_a_position_with_nothing_to_attend_to_stays_finite(no_sdpa, path):
     q, k, v = inputs()
     mask = left_padded_causal([3, 0, 0], 7)  # row 0: query positions 0-2 see only padding
     assert not mask[0, 0, 0].any()
@@ -90,7 +107,7 @@ def test_a_position_with_nothing_to_attend_to_stays_finite(no_sdpa):
     assert torch.isfinite(out.float()).all()
 
 
-def test_under_autocast_float32_queries_and_keys_run_the_plain_products_in_the_autocast_dtype(no_sdpa):
+def test_under_autocast_float32_queries_and_keys_run_the_plain_products_in_the_autocast_dtype(no_sdpa, path):
     """A float32 model under bf16 autocast: q and k leave the rotary embedding in float32, v the projection in bf16.
     SDPA would cast them to bf16 and so does small_attention, with the same result to rounding."""
     q, k, v = inputs(dtype=torch.float32)
@@ -102,6 +119,38 @@ def test_under_autocast_float32_queries_and_keys_run_the_plain_products_in_the_a
     real = mask[:, 0].any(-1)
     want = reference(q.to(torch.bfloat16), k.to(torch.bfloat16), v, mask)
     torch.testing.assert_close(out.double()[real], want[real], rtol=0.02, atol=0.02)
+
+
+def test_the_kernel_is_at_least_as_close_to_float64_as_the_plain_products(monkeypatch):
+    """At a PPO update's shape (8 left-padded rows of 90 tokens, 9 query heads over 3 key/value heads of 64), in the
+    layout the padding-free trunk gives it: its output and gradients are no further from float64 attention's than
+    those of the plain products (which multiply the probabilities in float32)."""
+    if attention_kernel.kernel() is None:
+        pytest.skip("the attention kernel needs a CPU with AVX512-BF16 and a C compiler")
+    gen = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 8, 9, 3, 90, 64
+    q, k, v = (torch.randn(b, t, n, d, generator=gen).bfloat16().transpose(1, 2) for n in (h, hkv, hkv))
+    mask = left_padded_causal([0, 3, 10, 17, 30, 41, 52, 60], t) | torch.eye(t, dtype=torch.bool)
+    dout = torch.randn(b, t, h, d, generator=gen).bfloat16()
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = attention_kernel.reference(*leaves, mask[:, 0], d**-0.5)
+    want.backward(dout.double())
+
+    def errors(kernel_on: bool) -> list[float]:
+        monkeypatch.setattr(attention_kernel, "applies", lambda *args: kernel_on)
+        runs = attention_kernel.attention if kernel_on else None
+        calls = []
+        monkeypatch.setattr(attention_kernel, "attention", lambda *args: calls.append(1) or runs(*args))
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, _ = small_attention(Module(), *xs, mask)
+        out.backward(dout)
+        assert bool(calls) == kernel_on
+        pairs = [(out.detach(), want.detach())] + [(x.grad, leaf.grad) for x, leaf in zip(xs, leaves, strict=True)]
+        return [float((got.double() - exact).norm() / exact.norm()) for got, exact in pairs]
+
+    kernel, plain = errors(True), errors(False)
+    assert all(e < 0.01 for e in kernel), kernel
+    assert all(ek <= 1.05 * ep for ek, ep in zip(kernel, plain, strict=True)), (kernel, plain)
 
 
 @pytest.mark.parametrize(
