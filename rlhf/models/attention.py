@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.models import attention_kernel
 from rlhf.models.lean import compute_dtype
+from rlhf.models.rotary import use_rotary_kernel
 from rlhf.models.unpadded import Layout, padded_attention, skip_padding
 
 ATTENTION = "rlhf_small"
@@ -105,4 +106,5 @@ def use_small_attention(model) -> bool:
         return False
     model.set_attn_implementation(ATTENTION)
     skip_padding(model)
+    use_rotary_kernel(model)  # its queries and keys rotated and rounded to bf16 at once where this rounds them
     return True
