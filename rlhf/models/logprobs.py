@@ -69,8 +69,9 @@ def flags() -> list[str]:
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """`label_logprobs.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
-    says why) or does not apply (x86-64 Linux with AVX2 or AVX-512); `RLHF_LOGPROBS_KERNEL=0` turns it off."""
-    if os.environ.get("RLHF_LOGPROBS_KERNEL", "1") == "0" or sys.platform != "linux":
+    says why) or does not apply (x86-64 Linux with AVX2 or AVX-512).
+    Opt-in for now: `RLHF_LOGPROBS_KERNEL=1` turns it on."""
+    if os.environ.get("RLHF_LOGPROBS_KERNEL", "0") != "1" or sys.platform != "linux":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
