@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -129,7 +127,7 @@ def kernel() -> ctypes.CDLL | None:
     """`attention_kernel.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
     says why) or does not apply (Linux on a CPU with AVX512-BF16).
     Opt-in for now: `RLHF_ATTENTION_KERNEL=1` turns it on."""
-    if os.environ.get("RLHF_ATTENTION_KERNEL", "0") != "1" or sys.platform != "linux" or not _has_bf16_dot():
+    if not kernels.wanted("RLHF_ATTENTION_KERNEL", on_by_default=False) or not _has_bf16_dot():
         return None
     instead = "attention runs as plain torch products (slower)"
     wrong = "its outputs or gradients differ from float64 attention's on a probe"

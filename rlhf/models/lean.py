@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -138,9 +136,7 @@ NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
 def norm_kernel() -> ctypes.CDLL | None:
     """`rms_norm.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that says why)
     or where it does not apply (x86-64 Linux with AVX2); `RLHF_NORM_KERNEL=0` turns it off."""
-    if os.environ.get("RLHF_NORM_KERNEL", "1") == "0" or sys.platform != "linux":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not kernels.wanted("RLHF_NORM_KERNEL"):
         return None
     instead, wrong = "RMSNorm's backward runs as torch ops (slower)", "its gradients differ from autograd's on a probe"
     return kernels.load(NORM_SOURCE, ["-O3", "-mavx2", "-mfma"], _bind_norm, _probe_norm, instead, wrong)

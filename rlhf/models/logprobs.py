@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -71,9 +69,7 @@ def kernel() -> ctypes.CDLL | None:
     """`label_logprobs.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
     says why) or does not apply (x86-64 Linux with AVX2 or AVX-512).
     Opt-in for now: `RLHF_LOGPROBS_KERNEL=1` turns it on."""
-    if os.environ.get("RLHF_LOGPROBS_KERNEL", "0") != "1" or sys.platform != "linux":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not kernels.wanted("RLHF_LOGPROBS_KERNEL", on_by_default=False):
         return None
     instead = "log-probabilities of the vocabulary run as torch ops (slower)"
     wrong = "its log-probabilities or gradients differ from torch's on a probe"

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -113,9 +111,7 @@ def kernel() -> ctypes.CDLL | None:
     """`rotary.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that says why) or
     does not apply (x86-64 Linux with AVX2 or AVX-512).
     Opt-in for now: `RLHF_ROTARY_KERNEL=1` turns it on."""
-    if os.environ.get("RLHF_ROTARY_KERNEL", "0") != "1" or sys.platform != "linux":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not kernels.wanted("RLHF_ROTARY_KERNEL", on_by_default=False):
         return None
     instead = "the rotary embedding runs as transformers' float32 torch ops (slower)"
     wrong = "its rotation differs from transformers' on a probe"

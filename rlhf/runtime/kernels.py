@@ -12,6 +12,18 @@ import warnings
 from pathlib import Path
 
 
+def wanted(switch: str, on_by_default: bool = True) -> bool:
+    """Whether a kernel may be tried here: its environment switch allows it (`1` on, `0` off, unset:
+    `on_by_default`), and this is Linux on an x86-64 CPU with AVX2 or AVX-512 (as torch reports it)."""
+    import sys
+
+    import torch
+
+    if os.environ.get(switch, "1" if on_by_default else "0") != "1" or sys.platform != "linux":
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def build(source: Path, flags: list[str]) -> Path:
     """`source` compiled into a shared library in the cache (atomic, so concurrent runs agree); its path. Raises
     OSError or subprocess.SubprocessError where that fails (no compiler, a compile error)."""

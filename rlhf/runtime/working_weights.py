@@ -23,8 +23,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -40,9 +38,7 @@ ATTRIBUTE = "rlhf_working_copy"  # on an nn.Linear: its WorkingCopy
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, checked on a probe; None (with a warning that says why) where it cannot serve."""
-    if os.environ.get("RLHF_FUSED_ADAMW", "1") == "0":
-        return None
-    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not kernels.wanted("RLHF_FUSED_ADAMW"):
         return None
     instead = "bf16 training casts its weights as autocast does (slower)"
     return kernels.load(SOURCE, FLAGS, bind, probe, instead, "its step differs from torch's AdamW on a probe")
