@@ -6,9 +6,7 @@ quarter of bf16's rate on such a CPU: 2.3–2.5 ms for forward and backward of 8
 3 key/value heads of 64 (the embedded model's layer), against ~0.5 ms that the products themselves need. The
 kernel computes a (row, key/value head) pair's scores, softmax and products with the scores in registers and
 cache: ~0.45 ms forward and ~0.65 backward there, and closer to float32's results (the float32 factors are carried
-in two bf16 parts).
-Opt-in for now, `RLHF_ATTENTION_KERNEL=1`: off by default while a question about the demo's PPO gain with the new
-kernels is open (README, lever table).
+in two bf16 parts). `RLHF_ATTENTION_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
@@ -125,9 +123,8 @@ def _has_bf16_dot() -> bool:
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """`attention_kernel.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
-    says why) or does not apply (Linux on a CPU with AVX512-BF16).
-    Opt-in for now: `RLHF_ATTENTION_KERNEL=1` turns it on."""
-    if not kernels.wanted("RLHF_ATTENTION_KERNEL", on_by_default=False) or not _has_bf16_dot():
+    says why) or does not apply (Linux on a CPU with AVX512-BF16); `RLHF_ATTENTION_KERNEL=0` turns it off."""
+    if not kernels.wanted("RLHF_ATTENTION_KERNEL") or not _has_bf16_dot():
         return None
     instead = "attention runs as plain torch products (slower)"
     wrong = "its outputs or gradients differ from float64 attention's on a probe"

@@ -67,9 +67,8 @@ def flags() -> list[str]:
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """`label_logprobs.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
-    says why) or does not apply (x86-64 Linux with AVX2 or AVX-512).
-    Opt-in for now: `RLHF_LOGPROBS_KERNEL=1` turns it on."""
-    if not kernels.wanted("RLHF_LOGPROBS_KERNEL", on_by_default=False):
+    says why) or does not apply (x86-64 Linux with AVX2 or AVX-512); `RLHF_LOGPROBS_KERNEL=0` turns it off."""
+    if not kernels.wanted("RLHF_LOGPROBS_KERNEL"):
         return None
     instead = "log-probabilities of the vocabulary run as torch ops (slower)"
     wrong = "its log-probabilities or gradients differ from torch's on a probe"

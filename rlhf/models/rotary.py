@@ -5,10 +5,7 @@ Under bf16 autocast a Llama block's queries and keys leave their projections in 
 transformers' `apply_rotary_pos_emb` computes in float32 (7 torch operations a tensor, ~10 more backward) and the
 attention casts the result back to bf16. The kernel computes the same float32 expression per element and rounds it
 to bf16 at once: outputs bit-identical to that cast, gradients rounded once instead of per term. `use_rotary_kernel`
-puts it in place of transformers' function for Llama models.
-
-Opt-in for now, `RLHF_ROTARY_KERNEL=1`: off by default while a question about the demo's PPO gain with the new
-kernels is open (README, lever table).
+puts it in place of transformers' function for Llama models; `RLHF_ROTARY_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
@@ -109,9 +106,8 @@ def use_rotary_kernel(model) -> bool:
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """`rotary.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that says why) or
-    does not apply (x86-64 Linux with AVX2 or AVX-512).
-    Opt-in for now: `RLHF_ROTARY_KERNEL=1` turns it on."""
-    if not kernels.wanted("RLHF_ROTARY_KERNEL", on_by_default=False):
+    does not apply (x86-64 Linux with AVX2 or AVX-512); `RLHF_ROTARY_KERNEL=0` turns it off."""
+    if not kernels.wanted("RLHF_ROTARY_KERNEL"):
         return None
     instead = "the rotary embedding runs as transformers' float32 torch ops (slower)"
     wrong = "its rotation differs from transformers' on a probe"

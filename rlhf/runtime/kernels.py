@@ -12,14 +12,14 @@ import warnings
 from pathlib import Path
 
 
-def wanted(switch: str, on_by_default: bool = True) -> bool:
-    """Whether a kernel may be tried here: its environment switch allows it (`1` on, `0` off, unset:
-    `on_by_default`), and this is Linux on an x86-64 CPU with AVX2 or AVX-512 (as torch reports it)."""
+def wanted(switch: str) -> bool:
+    """Whether a kernel may be tried here: its environment switch does not turn it off (`0`; anything else, or
+    unset, leaves it on), and this is Linux on an x86-64 CPU with AVX2 or AVX-512 (as torch reports it)."""
     import sys
 
     import torch
 
-    if os.environ.get(switch, "1" if on_by_default else "0") != "1" or sys.platform != "linux":
+    if os.environ.get(switch, "1") == "0" or sys.platform != "linux":
         return False
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 

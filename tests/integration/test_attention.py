@@ -44,14 +44,6 @@ def reference(q, k, v, mask):
     return out.transpose(1, 2)  # (B, Tq, H, D)
 
 
-def opted_in_kernel(monkeypatch):
-    """The attention kernel, opted in (RLHF_ATTENTION_KERNEL=1, for this test only); None where it cannot serve."""
-    monkeypatch.setenv("RLHF_ATTENTION_KERNEL", "1")
-    attention_kernel.kernel.cache_clear()
-    monkeypatch.setattr(attention_kernel, "kernel", attention_kernel.kernel.__wrapped__)
-    return attention_kernel.kernel()
-
-
 @pytest.fixture(params=["kernel", "plain products"])
 def path(request, monkeypatch):
     """Each test twice: through the C kernel (where this CPU has AVX512-BF16; it must then run) and through the plain
@@ -60,7 +52,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(attention_kernel, "applies", lambda *args: False)
         yield []
         return
-    if opted_in_kernel(monkeypatch) is None:
+    if attention_kernel.kernel() is None:
         pytest.skip("the attention kernel needs a CPU with AVX512-BF16 and a C compiler")
     calls = []
     run = attention_kernel.attention
@@ -133,7 +125,7 @@ def test_the_kernel_is_at_least_as_close_to_float64_as_the_plain_products(monkey
     """At a PPO update's shape (8 left-padded rows of 90 tokens, 9 query heads over 3 key/value heads of 64), in the
     layout the padding-free trunk gives it: its output and gradients are no further from float64 attention's than
     those of the plain products (which multiply the probabilities in float32)."""
-    if opted_in_kernel(monkeypatch) is None:
+    if attention_kernel.kernel() is None:
         pytest.skip("the attention kernel needs a CPU with AVX512-BF16 and a C compiler")
     gen = torch.Generator().manual_seed(0)
     b, h, hkv, t, d = 8, 9, 3, 90, 64

@@ -13,7 +13,6 @@ from rlhf.models.logprobs import KernelLabelLogprobs, label_logprobs
 def fresh_kernel(monkeypatch, tmp_path):
     """logprobs.kernel() decided again in this test (in a fresh cache folder), and again after it."""
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("RLHF_LOGPROBS_KERNEL", "1")  # opt-in for now
     decide = logprobs.kernel  # (`built` puts a stand-in in its place)
     decide.cache_clear()
     yield
@@ -69,7 +68,6 @@ def test_a_label_outside_the_vocabulary_is_an_error(built):
 
 
 def test_the_probe_accepts_the_kernel_and_the_switch_turns_it_off(fresh_kernel, monkeypatch):
-    """(Opt-in for now: the fixture sets RLHF_LOGPROBS_KERNEL=1.)"""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the kernel needs an x86-64 CPU with AVX2")
     with torch.no_grad():  # as a scoring forward first asks for it
