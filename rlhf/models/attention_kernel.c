@@ -23,14 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16;
-
-static inline bf16 f2bf(float f) { /* round to nearest even; finite values */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
+#include "bf16.h"
 
 static inline uint32_t pair(bf16 lo, bf16 hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
@@ -242,7 +235,7 @@ int attention_forward(const bf16 *q, const bf16 *k, const bf16 *v, const uint8_t
 /* dst (T rows of D, row stride ld) = the transpose of acc (D × Tn floats), rounded to bf16 */
 static void store_transposed(const float *acc, int64_t Tn, int64_t T, int64_t D, bf16 *dst, int64_t ld) {
     for (int64_t j = 0; j < T; j++)
-        for (int64_t d = 0; d < D; d++) dst[j * ld + d] = f2bf(acc[d * Tn + j]);
+        for (int64_t d = 0; d < D; d++) dst[j * ld + d] = f32_to_bf16(acc[d * Tn + j]);
 }
 
 int attention_backward(const bf16 *q, const bf16 *k, const bf16 *v, const float *P, const bf16 *dout, bf16 *dq,

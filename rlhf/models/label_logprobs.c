@@ -13,19 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even; the values here are finite */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* exp(x) for x <= 0, branch-free and without library calls, so that loops of it vectorise: n = round(x / ln 2)
    by adding and subtracting 1.5 · 2^23, exp(x) = 2^n · exp(x − n ln 2), the latter by Cephes' polynomial */

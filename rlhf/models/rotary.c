@@ -11,23 +11,8 @@
    x (B, H, T, D) bf16 with D contiguous and strides given; cos and sin (B or 1, T, D) float32 with D contiguous,
    batch stride cb (0: shared) and position stride ct; y and dx (B, T, H, D) contiguous bf16; dy likewise. */
 #include <stdint.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float bf2f(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16 f2bf(float f) { /* round to nearest even; finite values */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
+#include "bf16.h"
 
 void rotary_forward(const bf16 *x, int64_t sb, int64_t sh, int64_t st, const float *cos, const float *sin, int64_t cb,
                     int64_t ct, bf16 *y, int64_t B, int64_t H, int64_t T, int64_t D) {
@@ -41,11 +26,11 @@ void rotary_forward(const bf16 *x, int64_t sb, int64_t sh, int64_t st, const flo
             bf16 *yr = y + (bt * H + h) * D;
             #pragma omp simd
             for (int64_t d = 0; d < half; d++) {
-                const float x1 = bf2f(xr[d]), x2 = bf2f(xr[d + half]);
+                const float x1 = bf16_to_f32(xr[d]), x2 = bf16_to_f32(xr[d + half]);
                 const float a1 = x1 * c[d], b1 = -x2 * s[d];
                 const float a2 = x2 * c[d + half], b2 = x1 * s[d + half];
-                yr[d] = f2bf(a1 + b1);
-                yr[d + half] = f2bf(a2 + b2);
+                yr[d] = f32_to_bf16(a1 + b1);
+                yr[d + half] = f32_to_bf16(a2 + b2);
             }
         }
     }
@@ -63,9 +48,9 @@ void rotary_backward(const bf16 *dy, const float *cos, const float *sin, int64_t
             bf16 *out = dx + (bt * H + h) * D;
             #pragma omp simd
             for (int64_t d = 0; d < half; d++) {
-                const float g1 = bf2f(g[d]), g2 = bf2f(g[d + half]);
-                out[d] = f2bf(g1 * c[d] + g2 * s[d + half]);
-                out[d + half] = f2bf(g2 * c[d + half] - g1 * s[d]);
+                const float g1 = bf16_to_f32(g[d]), g2 = bf16_to_f32(g[d + half]);
+                out[d] = f32_to_bf16(g1 * c[d] + g2 * s[d + half]);
+                out[d + half] = f32_to_bf16(g2 * c[d + half] - g1 * s[d]);
             }
         }
     }

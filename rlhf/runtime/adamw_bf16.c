@@ -9,13 +9,9 @@
    OpenMP threads. */
 #include <stdint.h>
 
-static inline float from_bf16(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
+#include "bf16.h"
 
-/* round to nearest even, as torch converts; a NaN stays a (quiet) NaN */
+/* round to nearest even, as torch converts; a NaN stays a (quiet) NaN (bf16.h's f32_to_bf16 assumes finite values) */
 static inline uint16_t to_bf16(float f) {
     union { uint32_t u; float f; } v;
     v.f = f;
@@ -36,7 +32,7 @@ double bf16_square_sum(const uint16_t **g, const int64_t *n, int64_t count) {
             float s = 0.0f;
             #pragma omp simd reduction(+ : s)
             for (int64_t i = b; i < end; i++) {
-                float x_i = from_bf16(x[i]);
+                float x_i = bf16_to_f32(x[i]);
                 s += x_i * x_i;
             }
             total += s;
@@ -60,7 +56,7 @@ void adamw_bf16(float **p, float **m, float **v, const uint16_t **g, uint16_t **
         const float ss = step_size[t], bs = bias2_sqrt[t], dt = decay[t];
         #pragma omp for schedule(static) nowait
         for (int64_t i = 0; i < n[t]; i++) {
-            float grad = from_bf16(gt[i]) * scale;
+            float grad = bf16_to_f32(gt[i]) * scale;
             float param = pt[i] - dt * pt[i];
             float avg = mt[i] + (1.0f - beta1) * (grad - mt[i]);
             float avg_sq = beta2 * vt[i] + (1.0f - beta2) * grad * grad;

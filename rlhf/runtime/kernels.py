@@ -24,14 +24,18 @@ def wanted(switch: str) -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+HEADERS = Path(__file__).parent  # the kernels' shared headers (bf16.h), on every build's include path
+
+
 def build(source: Path, flags: list[str]) -> Path:
-    """`source` compiled into a shared library in the cache (atomic, so concurrent runs agree); its path. Raises
-    OSError or subprocess.SubprocessError where that fails (no compiler, a compile error)."""
+    """`source` compiled into a shared library in the cache (atomic, so concurrent runs agree); its path. The cache
+    key covers the source, the shared headers, the compiler and the flags. Raises OSError or
+    subprocess.SubprocessError where that fails (no compiler, a compile error)."""
     from rlhf.models.embedded import cache_root
 
     compiler = os.environ.get("CC", "cc")
     flags = [*flags, "-fopenmp", "-shared", "-fPIC"]
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(HEADERS.glob("*.h")))
     key = hashlib.sha256(text + " ".join([compiler, *flags, "-lm"]).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -39,7 +43,7 @@ def build(source: Path, flags: list[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, *flags, "-o", str(built), str(source), "-lm"]
+        command = [compiler, *flags, f"-I{HEADERS}", "-o", str(built), str(source), "-lm"]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.replace(built, target)
     return target
