@@ -110,21 +110,11 @@ class KernelAttention(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
 
 
-def _has_bf16_dot() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return any(
-        line.partition(":")[0].strip() == "flags" and "avx512_bf16" in line.split() for line in text.splitlines()
-    )
-
-
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
     """`attention_kernel.c` built, loaded and checked on a probe; None where it cannot serve (with a warning that
     says why) or does not apply (Linux on a CPU with AVX512-BF16); `RLHF_ATTENTION_KERNEL=0` turns it off."""
-    if not kernels.wanted("RLHF_ATTENTION_KERNEL") or not _has_bf16_dot():
+    if not kernels.wanted("RLHF_ATTENTION_KERNEL") or "avx512_bf16" not in kernels.cpu_flags():
         return None
     instead = "attention runs as plain torch products (slower)"
     wrong = "its outputs or gradients differ from float64 attention's on a probe"

@@ -52,33 +52,36 @@ def _table(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _rotate(lib, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) bf16 rotated by the kernel into a new (B, T, H, D) bf16 tensor."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    b, h, t, d = x.shape
+    y = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+    lib.rotary(
+        x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), y.data_ptr(), b, h, t, d,
+    )  # fmt: skip
+    return y
+
+
+def _swapped(sin: torch.Tensor) -> torch.Tensor:
+    """[−sin2, −sin1]: the rotation by it is the transpose of the rotation by sin (the backward, to the same roundings:
+    dx1 = dy1 · cos1 + dy2 · sin2, dx2 = dy2 · cos2 − dy1 · sin1)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., half:], -sin[..., :half]), dim=-1)
+
+
 class KernelRotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         cos, sin = _table(cos), _table(sin)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        b, h, t, d = x.shape
-        y = torch.empty(b, t, h, d, dtype=torch.bfloat16)
-        cb = cos.stride(0) if cos.shape[0] > 1 else 0
-        kernel().rotary_forward(
-            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), cb, cos.stride(1),
-            y.data_ptr(), b, h, t, d,
-        )  # fmt: skip
         ctx.save_for_backward(cos, sin)
-        ctx.cb = cb
-        return y.transpose(1, 2)
+        return _rotate(kernel(), x, cos, sin).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        b, h, t, d = dy.shape
-        g = dy.to(torch.bfloat16).transpose(1, 2).contiguous()  # (B, T, H, D)
-        dx = torch.empty(b, t, h, d, dtype=torch.bfloat16)
-        kernel().rotary_backward(
-            g.data_ptr(), cos.data_ptr(), sin.data_ptr(), ctx.cb, cos.stride(1), dx.data_ptr(), b, h, t, d
-        )
-        return dx.transpose(1, 2), None, None
+        return _rotate(kernel(), dy.to(torch.bfloat16), cos, _swapped(sin)).transpose(1, 2), None, None
 
 
 def use_rotary_kernel(model) -> bool:
@@ -116,14 +119,9 @@ def kernel() -> ctypes.CDLL | None:
 
 def _bind(path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.rotary_forward.argtypes = (
-        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    )
-    lib.rotary_forward.argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * 4
-    lib.rotary_backward.argtypes = (
-        [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 4
-    )
-    lib.rotary_forward.restype = lib.rotary_backward.restype = None
+    lib.rotary.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.rotary.argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * 4
+    lib.rotary.restype = None
     return lib
 
 
@@ -142,10 +140,8 @@ def _probe(lib) -> bool:
     x = torch.randn(2, 5, 3, 8, generator=gen).bfloat16().transpose(1, 2)
     cos, sin = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)
     dy = torch.randn(2, 5, 3, 8, generator=gen).bfloat16()
-    y = torch.empty(2, 5, 3, 8, dtype=torch.bfloat16)
-    lib.rotary_forward(x.data_ptr(), *x.stride()[:3], cos.data_ptr(), sin.data_ptr(), 0, 8, y.data_ptr(), 2, 3, 5, 8)
-    dx = torch.empty(2, 5, 3, 8, dtype=torch.bfloat16)
-    lib.rotary_backward(dy.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, 8, dx.data_ptr(), 2, 3, 5, 8)
+    y = _rotate(lib, x, cos, sin)  # (B, T, H, D)
+    dx = _rotate(lib, dy.transpose(1, 2), cos, _swapped(sin))  # the backward, as KernelRotary runs it
     leaf = x.float().requires_grad_()
     with torch.enable_grad():  # first asked for where autograd may be off
         reference(leaf, cos, sin).backward(dy.float().transpose(1, 2))

@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from rlhf.runtime.kernels import cpu_flags_in
+
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     # Accelerate keeps one state per process and refuses a second Accelerator with another precision; stages run
@@ -32,13 +34,8 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 def native_bf16_in(cpuinfo: str) -> str | None:
     """The flag in a /proc/cpuinfo text that says the CPU has bf16 matrix instructions, or None."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            found = NATIVE_BF16_FLAGS & set(value.split())
-            if found:
-                return sorted(found)[0]
-    return None
+    found = NATIVE_BF16_FLAGS & cpu_flags_in(cpuinfo)
+    return sorted(found)[0] if found else None
 
 
 @functools.cache

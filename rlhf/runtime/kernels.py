@@ -4,19 +4,38 @@ kernel is used only where the process has one OpenMP runtime (`openmp_runtimes`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 
+def cpu_flags_in(cpuinfo: str) -> set[str]:
+    """The CPU feature flags in a /proc/cpuinfo text (its `flags` lines on x86, `Features` on Arm)."""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (Linux's /proc/cpuinfo); empty where it cannot be read."""
+    try:
+        return frozenset(cpu_flags_in(Path("/proc/cpuinfo").read_text(errors="replace")))
+    except OSError:
+        return frozenset()
+
+
 def wanted(switch: str) -> bool:
     """Whether a kernel may be tried here: its environment switch does not turn it off (`0`; anything else, or
     unset, leaves it on), and this is Linux on an x86-64 CPU with AVX2 or AVX-512 (as torch reports it)."""
-    import sys
-
     import torch
 
     if os.environ.get(switch, "1") == "0" or sys.platform != "linux":

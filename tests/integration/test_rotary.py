@@ -51,20 +51,17 @@ def test_the_kernel_rounds_transformers_rotation_and_back_propagates_it(kernel, 
     torch.testing.assert_close(dk.float(), ref_dk, rtol=2**-8, atol=1e-6)
 
 
-def test_llama_models_take_it_under_bf16_autocast_only(kernel):
+def test_llama_models_take_it_under_bf16_autocast_only(kernel, monkeypatch):
     model, _ = load_causal_lm("tiny")  # switches it in (rlhf/models/attention.py: use_small_attention)
     assert getattr(modeling_llama.apply_rotary_pos_emb, "_rlhf_rotary", False)
     calls = []
     run = rotary.rotate
-    rotary.rotate = lambda *args: calls.append(1) or run(*args)
-    try:
-        ids = torch.randint(5, 200, (2, 9))
-        with torch.no_grad():
-            plain = model(input_ids=ids).logits
-            assert not calls  # float32: transformers' own
-            with torch.autocast("cpu", torch.bfloat16):
-                mixed = model(input_ids=ids).logits
-    finally:
-        rotary.rotate = run
+    monkeypatch.setattr(rotary, "rotate", lambda *args: calls.append(1) or run(*args))
+    ids = torch.randint(5, 200, (2, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        assert not calls  # float32: transformers' own
+        with torch.autocast("cpu", torch.bfloat16):
+            mixed = model(input_ids=ids).logits
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(mixed.float(), plain, rtol=0.1, atol=0.1)  # bf16 of the same model
